@@ -1,0 +1,34 @@
+"""The one list of op names, shared by the op graph, the simulator, the runtime
+(`record_function` names) and calibration. Extend it, never fork it.
+
+A traced/simulated event is named `<op>/<phase>`, e.g. `moe.fc1/wgrad`.
+"""
+
+OP_NAMES: tuple[str, ...] = (
+    "embed.lookup",
+    "attn.norm", "attn.tp_ag", "attn.qkv", "attn.sp_a2a_in", "attn.core", "attn.sp_a2a_out",
+    "attn.proj", "attn.tp_rs",
+    "moe.norm", "moe.router", "moe.permute", "moe.dispatch_a2a", "moe.etp_ag", "moe.fc1", "moe.act",
+    "moe.fc2", "moe.etp_rs", "moe.combine_a2a", "moe.unpermute", "moe.shared",
+    "ffn.norm", "ffn.fc1", "ffn.act", "ffn.fc2",  # dense (non-MoE) layers
+    "head.norm", "head.proj", "head.loss",
+    "comm.quantize", "comm.dequantize",  # FP8/BF16 compression around a collective
+    "dp.grad_sync", "dp.param_gather", "pp.send", "pp.recv", "optim.step",
+)
+PHASES: tuple[str, ...] = ("fwd", "dgrad", "wgrad", "recompute")
+OP_KINDS: tuple[str, ...] = ("gemm", "attention", "memory", "comm")
+COLLECTIVES: tuple[str, ...] = ("all_to_all", "all_gather", "reduce_scatter", "all_reduce", "send_recv")
+GROUP_KINDS: tuple[str, ...] = ("tp", "sp", "dp", "pp", "ep", "etp", "edp")
+
+
+def event_name(op: str, phase: str) -> str:
+    assert op in OP_NAMES, op
+    return f"{op}/{phase}"
+
+
+def split_event_name(name: str) -> tuple[str, str] | None:
+    """`moe.fc1/wgrad` -> ("moe.fc1", "wgrad"); None for names outside the list."""
+    op, _, phase = name.partition("/")
+    if op in OP_NAMES and (phase in PHASES or phase == ""):
+        return op, phase or "fwd"
+    return None

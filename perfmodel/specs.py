@@ -1,0 +1,476 @@
+"""Model, Cluster, Plan, Profile and Study specs: YAML in, validated frozen objects out.
+
+Every unit is in the field name. Unknown keys, NaN/inf and negative sizes are errors. A
+preset name or a path is accepted wherever a spec is (see `load_spec`). Errors are raised
+as `SpecError` whose message is one line naming the file, the field path and the fix.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from perfmodel import yamlsafe
+
+PRESET_DIR = Path(__file__).parent / "presets"
+PRESET_SUBDIR = {"model": "models", "cluster": "clusters", "profile": "gpus"}
+KINDS = ("model", "cluster", "plan", "study", "profile")
+
+
+class SpecError(ValueError):
+    """Bad user input. `str(err)` is the one line shown to the user (exit status 2)."""
+
+
+PosInt = Annotated[int, Field(gt=0, le=10**9)]
+NonNegInt = Annotated[int, Field(ge=0, le=10**9)]
+PosFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+NonNegFloat = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+Fraction = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, strict=False)
+
+
+# ----------------------------------------------------------------------------- model
+class MoESpec(Strict):
+    experts: PosInt
+    top_k: PosInt
+    expert_ffn_hidden: PosInt
+    shared_experts: NonNegInt = 0
+    shared_expert_ffn_hidden: PosInt | None = None  # defaults to expert_ffn_hidden
+    moe_layer_freq: PosInt = 1  # every k-th layer (after first_dense_layers) is MoE
+    first_dense_layers: NonNegInt = 0
+    routing_skew: Annotated[float, Field(ge=1, le=1000, allow_inf_nan=False)] = 1.0  # max/mean tokens per expert
+    aux_loss_coeff: NonNegFloat = 0.01
+
+    @model_validator(mode="after")
+    def _check(self) -> MoESpec:
+        if self.top_k > self.experts:
+            raise ValueError(f"top_k={self.top_k} exceeds experts={self.experts}")
+        return self
+
+
+class MLASpec(Strict):
+    """Multi-head latent attention (DeepSeek-V2/V3): low-rank q and kv projections."""
+
+    q_lora_rank: PosInt
+    kv_lora_rank: PosInt
+    qk_nope_head_dim: PosInt
+    qk_rope_head_dim: PosInt
+    v_head_dim: PosInt
+
+
+class ModelSpec(Strict):
+    kind: Literal["model"] = "model"
+    name: str = "model"
+    source: str = ""
+    layers: PosInt
+    hidden: PosInt
+    heads: PosInt
+    kv_heads: PosInt
+    head_dim: PosInt
+    vocab: PosInt
+    seq_len: PosInt
+    dense_ffn_hidden: PosInt | None = None  # FFN of non-MoE layers
+    moe: MoESpec | None = None
+    mla: MLASpec | None = None
+    tie_embeddings: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelSpec:
+        if self.heads % self.kv_heads:
+            raise ValueError(f"kv_heads={self.kv_heads} does not divide heads={self.heads}")
+        if self.moe is None and self.dense_ffn_hidden is None:
+            raise ValueError("a model needs moe: or dense_ffn_hidden:")
+        if self.n_dense_layers and self.dense_ffn_hidden is None:
+            raise ValueError("dense layers exist (first_dense_layers/moe_layer_freq) but dense_ffn_hidden is missing")
+        if self.moe and self.moe.first_dense_layers > self.layers:
+            raise ValueError(f"moe.first_dense_layers={self.moe.first_dense_layers} exceeds layers={self.layers}")
+        return self
+
+    # --- structure -----------------------------------------------------------------
+    def is_moe_layer(self, i: int) -> bool:
+        if self.moe is None or i < self.moe.first_dense_layers:
+            return False
+        return (i - self.moe.first_dense_layers) % self.moe.moe_layer_freq == 0
+
+    @property
+    def n_moe_layers(self) -> int:
+        return sum(self.is_moe_layer(i) for i in range(self.layers))
+
+    @property
+    def n_dense_layers(self) -> int:
+        return self.layers - self.n_moe_layers
+
+    # --- widths --------------------------------------------------------------------
+    @property
+    def q_dim(self) -> int:
+        """Width of the attention's query/output (heads x the dim the output projection reads)."""
+        return self.heads * (self.mla.v_head_dim if self.mla else self.head_dim)
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.mla.qk_nope_head_dim + self.mla.qk_rope_head_dim if self.mla else self.head_dim
+
+    @property
+    def v_head_dim(self) -> int:
+        return self.mla.v_head_dim if self.mla else self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * self.head_dim
+
+    @property
+    def shared_ffn_hidden(self) -> int:
+        if not self.moe or not self.moe.shared_experts:
+            return 0
+        return self.moe.shared_experts * (self.moe.shared_expert_ffn_hidden or self.moe.expert_ffn_hidden)
+
+    # --- parameter counts ----------------------------------------------------------
+    @property
+    def attn_in_params(self) -> int:
+        """Parameters of the projections that produce q, k, v (before the core)."""
+        h = self.hidden
+        if self.mla:
+            m = self.mla
+            q = h * m.q_lora_rank + m.q_lora_rank * self.heads * self.qk_head_dim
+            kv = h * (m.kv_lora_rank + m.qk_rope_head_dim)
+            kv += m.kv_lora_rank * self.heads * (m.qk_nope_head_dim + m.v_head_dim)
+            return q + kv
+        return h * (self.heads * self.head_dim + 2 * self.kv_dim)
+
+    @property
+    def attn_out_params(self) -> int:
+        return self.q_dim * self.hidden
+
+    @property
+    def attn_params(self) -> int:
+        return self.attn_in_params + self.attn_out_params + self.hidden  # + norm
+
+    @property
+    def expert_params(self) -> int:
+        """One routed expert (SwiGLU: gate, up, down)."""
+        return 3 * self.hidden * self.moe.expert_ffn_hidden if self.moe else 0
+
+    @property
+    def moe_layer_params(self) -> int:
+        assert self.moe
+        router = self.hidden * self.moe.experts
+        shared = 3 * self.hidden * self.shared_ffn_hidden
+        return self.attn_params + self.hidden + router + shared + self.moe.experts * self.expert_params
+
+    @property
+    def dense_layer_params(self) -> int:
+        return self.attn_params + self.hidden + 3 * self.hidden * (self.dense_ffn_hidden or 0)
+
+    @property
+    def embedding_params(self) -> int:
+        return self.vocab * self.hidden * (1 if self.tie_embeddings else 2) + self.hidden  # + final norm
+
+    @property
+    def params_total(self) -> int:
+        moe = self.n_moe_layers * self.moe_layer_params if self.moe else 0
+        return moe + self.n_dense_layers * self.dense_layer_params + self.embedding_params
+
+    @property
+    def params_active(self) -> int:
+        """Parameters touched by one token (routed experts counted top_k times)."""
+        if not self.moe:
+            return self.params_total
+        inactive = (self.moe.experts - self.moe.top_k) * self.expert_params
+        return self.params_total - self.n_moe_layers * inactive
+
+
+# ---------------------------------------------------------------------------- profile
+class EfficiencyCurve(Strict):
+    """Achieved fraction of peak as a function of work: max * w / (w + half_work).
+
+    `half_work` is in FLOPs for compute curves and bytes for memory/comm curves; it is the
+    size at which the kernel reaches half its best efficiency.
+    """
+
+    max: Fraction
+    half_work: NonNegFloat = 0.0
+
+    def at(self, work: float) -> float:
+        return self.max * work / (work + self.half_work) if work > 0 else self.max
+
+
+class FabricProfile(Strict):
+    latency_us: NonNegFloat
+    efficiency: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)] = 1.0
+
+
+class ProfileSpec(Strict):
+    """A hardware profile: public datasheet peaks plus efficiency curves (presets) or fits (calibrated)."""
+
+    kind: Literal["profile"] = "profile"
+    name: str = "profile"
+    source: str = ""
+    peak_tflops: dict[Literal["fp32", "tf32", "bf16", "fp16", "fp8"], PosFloat]
+    memory_GiB: PosFloat
+    hbm_bw_GBps: PosFloat
+    nvlink_bw_GBps: NonNegFloat = 0.0  # per GPU per direction
+    gemm_efficiency: EfficiencyCurve
+    grouped_gemm_efficiency: EfficiencyCurve | None = None
+    attention_efficiency: EfficiencyCurve
+    memory_efficiency: EfficiencyCurve
+    launch_overhead_us: NonNegFloat = 4.0
+    fabrics: dict[Literal["nvlink", "pcie", "ib", "ethernet", "loopback"], FabricProfile]
+    comm_compute_slowdown: Annotated[float, Field(ge=0, le=5, allow_inf_nan=False)] = 0.0
+    calibrated_from: list[str] = []
+    residuals: dict[str, float] = {}
+
+
+# ---------------------------------------------------------------------------- cluster
+class IntraNodeSpec(Strict):
+    fabric: Literal["nvswitch", "nvlink", "pcie", "loopback"] = "nvswitch"
+    bw_GBps: PosFloat | None = None  # per GPU per direction; default: the GPU profile's nvlink_bw_GBps
+    domain_gpus: PosInt | None = None  # GPUs sharing one NVLink domain (NVL72: 72); default gpus_per_node
+
+
+class NetworkSpec(Strict):
+    nics_per_node: PosInt = 8
+    nic_Gbps: PosFloat = 400.0
+    rails: bool = True  # rail-optimized: NIC i of every node on the same leaf group
+    tiers: Annotated[int, Field(ge=1, le=3)] = 2
+    oversubscription: Annotated[float, Field(ge=1, le=64, allow_inf_nan=False)] = 1.0
+    leaf_ports: PosInt = 64  # downlinks per leaf switch
+
+
+class ClusterSpec(Strict):
+    kind: Literal["cluster"] = "cluster"
+    name: str = "cluster"
+    source: str = ""
+    gpu: str | ProfileSpec  # preset name, path, or inline profile
+    nodes: PosInt
+    gpus_per_node: PosInt
+    intra_node: IntraNodeSpec = IntraNodeSpec()
+    network: NetworkSpec = NetworkSpec()
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+    def profile(self) -> ProfileSpec:
+        return self.gpu if isinstance(self.gpu, ProfileSpec) else load_spec(self.gpu, "profile")
+
+
+# ------------------------------------------------------------------------------- plan
+class OverlapSpec(Strict):
+    inter_op: bool = False  # reorder independent ops so comm hides under compute; dgrad/wgrad split
+    intra_op: Literal["none", "chunk", "tile"] = "none"
+    chunks: Annotated[int, Field(ge=1, le=256)] = 4  # token chunks (chunk) or tiles in flight (tile)
+    grad_sync: bool = True  # DP gradient sync overlapped with backward
+
+
+class CompressionSpec(Strict):
+    dispatch: Literal["bf16", "fp8"] = "bf16"
+    combine: Literal["bf16", "fp8"] = "bf16"
+    grad_sync: Literal["fp32", "bf16"] = "fp32"
+
+
+PARALLEL_DIMS = ("tp", "sp", "dp", "pp")
+
+
+class PlanSpec(Strict):
+    kind: Literal["plan"] = "plan"
+    name: str = "plan"
+    tp: PosInt = 1
+    sp: PosInt = 1
+    ep: PosInt = 1
+    etp: PosInt = 1
+    pp: PosInt = 1
+    vpp: PosInt = 1
+    dp: PosInt | None = None  # derived from the world size if omitted
+    micro_batch: PosInt = 1  # sequences per micro-batch per data-parallel replica
+    global_batch: PosInt = 8  # sequences per iteration
+    schedule: Literal["1f1b", "interleaved"] = "1f1b"
+    recompute: Literal["none", "selective", "full"] = "none"
+    overlap: OverlapSpec = OverlapSpec()
+    compression: CompressionSpec = CompressionSpec()
+    distributed_optimizer: bool = True
+    # innermost first: Megatron's order puts tp (then sp) on neighbouring ranks of one node
+    rank_order: tuple[Literal["tp", "sp", "dp", "pp"], ...] = ("tp", "sp", "dp", "pp")
+    kernels: Literal["torch", "triton"] = "torch"  # runtime only
+
+    @model_validator(mode="after")
+    def _check(self) -> PlanSpec:
+        if sorted(self.rank_order) != sorted(PARALLEL_DIMS):
+            raise ValueError(f"rank_order must be a permutation of {list(PARALLEL_DIMS)}")
+        if self.schedule == "1f1b" and self.vpp != 1:
+            raise ValueError("vpp>1 needs schedule: interleaved")
+        return self
+
+
+# ------------------------------------------------------------------------------ study
+class SearchSpace(Strict):
+    """Candidate values per plan field; every combination is a candidate plan."""
+
+    tp: list[PosInt] = [1]
+    sp: list[PosInt] = [1]
+    ep: list[PosInt] = [1]
+    etp: list[PosInt] = [1]
+    pp: list[PosInt] = [1]
+    vpp: list[PosInt] = [1]
+    micro_batch: list[PosInt] = [1]
+    recompute: list[Literal["none", "selective", "full"]] = ["none"]
+    inter_op: list[bool] = [False]
+    intra_op: list[Literal["none", "chunk", "tile"]] = ["none"]
+    chunks: list[Annotated[int, Field(ge=1, le=256)]] = [4]
+    dispatch: list[Literal["bf16", "fp8"]] = ["bf16"]
+    combine: list[Literal["bf16", "fp8"]] = ["bf16"]
+    grad_sync: list[Literal["fp32", "bf16"]] = ["fp32"]
+    distributed_optimizer: list[bool] = [True]
+    rank_order: list[tuple[Literal["tp", "sp", "dp", "pp"], ...]] = [("tp", "sp", "dp", "pp")]
+
+
+class NamedPlan(PlanSpec):
+    calibrate: bool = False  # compare: fit the profile on this plan's traces
+
+
+class Variant(Strict):
+    """A what-if: deep-merged overrides of the study's cluster (and/or model)."""
+
+    name: str
+    cluster: dict[str, Any] = {}
+    model: dict[str, Any] = {}
+
+
+class StudySpec(Strict):
+    kind: Literal["study"] = "study"
+    name: str = "study"
+    description: str = ""
+    model: str | ModelSpec
+    cluster: str | ClusterSpec
+    profile: str | ProfileSpec | None = None  # default: the cluster's GPU preset
+    global_batch: PosInt | None = None  # overrides every plan's global_batch
+    baseline: str | None = None  # name of a fixed plan
+    plans: list[NamedPlan] = []
+    search: SearchSpace | None = None
+    variants: list[Variant] = []
+    reference: dict[str, float] = {}  # published figures, e.g. tokens_per_s.<plan>, speedup
+    world_size: PosInt | None = None  # runtime studies: ranks to launch (default the cluster's)
+
+    @model_validator(mode="after")
+    def _check(self) -> StudySpec:
+        names = [p.name for p in self.plans]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"plan names must be unique, repeated: {sorted(dup)}")
+        if self.baseline is not None and self.baseline not in names:
+            raise ValueError(f"baseline {self.baseline!r} is not one of the plans {names}")
+        if not self.plans and self.search is None:
+            raise ValueError("a study needs plans: or search:")
+        return self
+
+
+SPEC_CLASSES: dict[str, type[Strict]] = {
+    "model": ModelSpec,
+    "cluster": ClusterSpec,
+    "plan": PlanSpec,
+    "study": StudySpec,
+    "profile": ProfileSpec,
+}
+# keys that only one kind has, used to infer the kind of a file that does not say it
+_KIND_MARKERS = {
+    "study": {"plans", "search", "variants", "baseline"},
+    "cluster": {"nodes", "gpus_per_node", "network", "intra_node"},
+    "profile": {"peak_tflops", "hbm_bw_GBps", "gemm_efficiency"},
+    "model": {"layers", "hidden", "heads", "vocab"},
+    "plan": {"tp", "sp", "ep", "etp", "pp", "micro_batch", "overlap", "compression", "schedule"},
+}
+
+
+def infer_kind(data: Any, where: str) -> str:
+    if not isinstance(data, dict):
+        raise SpecError(f"{where}: expected a YAML mapping, got {type(data).__name__}")
+    kind = data.get("kind")
+    if kind is not None:
+        if kind not in KINDS:
+            raise SpecError(f"{where}: kind: {kind!r} is not one of {', '.join(KINDS)}")
+        return kind
+    keys = set(data)
+    for k, markers in _KIND_MARKERS.items():
+        if keys & markers:
+            return k
+    raise SpecError(f"{where}: cannot tell what this is; add kind: {'|'.join(KINDS)}")
+
+
+def _format_error(exc: ValidationError, where: str, kind: str) -> str:
+    err = exc.errors()[0]
+    loc = ".".join(str(x) for x in err["loc"] if not str(x).startswith("function-after"))
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key (typo?); remove it or see `moeperf validate --help`"
+    field = f"{kind}.{loc}" if loc else kind
+    more = f" (+{len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
+    return f"{where}: {field}: {msg}{more}"
+
+
+def parse_spec(data: Any, kind: str | None, where: str) -> Strict:
+    """Validate an already-loaded mapping as a spec of `kind` (inferred when None)."""
+    found = infer_kind(data, where)
+    if kind is not None and found != kind and "kind" in data:
+        raise SpecError(f"{where}: is a {found} spec, expected a {kind}")
+    kind = kind or found
+    try:
+        return SPEC_CLASSES[kind].model_validate(data)
+    except ValidationError as exc:
+        raise SpecError(_format_error(exc, where, kind)) from None
+    except (TypeError, ValueError, RecursionError) as exc:  # pragma: no cover - defensive
+        raise SpecError(f"{where}: {kind}: {exc}") from None
+
+
+def preset_names(kind: str) -> list[str]:
+    sub = PRESET_DIR / PRESET_SUBDIR[kind]
+    return sorted(p.stem for p in sub.glob("*.yaml"))
+
+
+def resolve_path(ref: str, kind: str) -> Path:
+    """A preset name (`h100-sxm`) or a path to a YAML file."""
+    if kind in PRESET_SUBDIR:
+        preset = PRESET_DIR / PRESET_SUBDIR[kind] / f"{ref}.yaml"
+        if preset.is_file():
+            return preset
+    p = Path(ref)
+    if p.is_file():
+        return p
+    if "/" not in ref and not ref.endswith((".yaml", ".yml")) and kind in PRESET_SUBDIR:
+        raise SpecError(f"{ref}: no {kind} preset of that name; `moeperf presets` lists them ({', '.join(preset_names(kind))})")
+    raise SpecError(f"{ref}: no such file")
+
+
+def load_spec(ref: str | Path | Strict, kind: str | None = None) -> Any:
+    """Load a spec from a preset name, a path, or pass through an already-built spec."""
+    if isinstance(ref, Strict):
+        return ref
+    path = resolve_path(str(ref), kind) if kind else Path(ref)
+    try:
+        data = yamlsafe.load_file(path)
+    except yamlsafe.YamlError as exc:
+        raise SpecError(str(exc)) from None
+    return parse_spec(data, kind, str(path))
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def with_overrides(spec: Strict, overrides: dict[str, Any], where: str) -> Any:
+    """A copy of `spec` with deep-merged overrides, validated again."""
+    if not overrides:
+        return spec
+    data = deep_merge(spec.model_dump(mode="python"), overrides)
+    return parse_spec(data, spec.kind, where)  # type: ignore[attr-defined]
+
+
+def finite(x: float) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)

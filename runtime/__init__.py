@@ -1,0 +1,1 @@
+"""moeperf's runtime: executes a plan as real distributed MoE training (torchrun)."""
