@@ -100,7 +100,11 @@ class ModelSpec(Strict):
 
     @property
     def n_moe_layers(self) -> int:
-        return sum(self.is_moe_layer(i) for i in range(self.layers))
+        # closed form of sum(is_moe_layer(i) for i in range(layers)): layers may be huge in bad input
+        if self.moe is None:
+            return 0
+        after = max(0, self.layers - self.moe.first_dense_layers)
+        return -(-after // self.moe.moe_layer_freq)
 
     @property
     def n_dense_layers(self) -> int:
