@@ -100,6 +100,11 @@ def _groups(world: int, tp: int, sp: int, pp: int, ep: int, etp: int,
         for r, c in enumerate(coords):
             buckets.setdefault(tuple(c[d] for d in others), []).append(r)
         groups[dim] = tuple(sorted(tuple(b) for b in buckets.values()))
+    # non-expert weights are replicated over dp and sp: their gradients sync over both
+    buckets = {}
+    for r, c in enumerate(coords):
+        buckets.setdefault((c["tp"], c["pp"]), []).append(r)
+    groups["dp_sp"] = tuple(sorted(tuple(b) for b in buckets.values()))
     # expert folding: within a stage, ascending ranks -> etp innermost, then ep, then edp
     ep_groups, etp_groups, edp_groups = [], [], []
     for stage in range(pp):
@@ -117,7 +122,7 @@ def _groups(world: int, tp: int, sp: int, pp: int, ep: int, etp: int,
 
 
 def rank_groups(plan: PlanSpec, world: int) -> dict[str, tuple[tuple[int, ...], ...]]:
-    """Every group of each kind (tp, sp, dp, pp, ep, etp, edp) as sorted tuples of global ranks."""
+    """Every group of each kind (tp, sp, dp, pp, ep, etp, edp, dp_sp) as sorted tuples of global ranks."""
     if world % (plan.tp * plan.sp * plan.pp):
         raise SpecError(f"plan: tp*sp*pp={plan.tp * plan.sp * plan.pp} does not divide the world size {world}")
     dp = world // (plan.tp * plan.sp * plan.pp)

@@ -10,7 +10,7 @@ OP_NAMES: tuple[str, ...] = (
     "attn.proj", "attn.tp_rs",
     "moe.norm", "moe.router", "moe.permute", "moe.dispatch_a2a", "moe.etp_ag", "moe.fc1", "moe.act",
     "moe.fc2", "moe.etp_rs", "moe.combine_a2a", "moe.unpermute", "moe.shared",
-    "ffn.norm", "ffn.fc1", "ffn.act", "ffn.fc2",  # dense (non-MoE) layers
+    "ffn.norm", "ffn.tp_ag", "ffn.fc1", "ffn.act", "ffn.fc2", "ffn.tp_rs",  # dense (non-MoE) layers
     "head.norm", "head.proj", "head.loss",
     "comm.quantize", "comm.dequantize",  # FP8/BF16 compression around a collective
     "dp.grad_sync", "dp.param_gather", "pp.send", "pp.recv", "optim.step",
@@ -18,7 +18,8 @@ OP_NAMES: tuple[str, ...] = (
 PHASES: tuple[str, ...] = ("fwd", "dgrad", "wgrad", "recompute")
 OP_KINDS: tuple[str, ...] = ("gemm", "attention", "memory", "comm")
 COLLECTIVES: tuple[str, ...] = ("all_to_all", "all_gather", "reduce_scatter", "all_reduce", "send_recv")
-GROUP_KINDS: tuple[str, ...] = ("tp", "sp", "dp", "pp", "ep", "etp", "edp")
+# dp_sp: ranks holding replicas of the non-expert weights (same tp coordinate and stage)
+GROUP_KINDS: tuple[str, ...] = ("tp", "sp", "dp", "pp", "ep", "etp", "edp", "dp_sp")
 
 
 def event_name(op: str, phase: str) -> str:

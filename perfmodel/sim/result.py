@@ -1,0 +1,51 @@
+"""What one simulated iteration reports. The JSON keys are a DESIGN.md contract:
+`step_time_s, tokens_per_s, mfu, breakdown, memory_GiB` (+ name, plan, details).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class TraceEvent:
+    """One span of the simulated timeline (Chrome trace 'X' event once written)."""
+
+    name: str  # op event name, e.g. "moe.fc1/wgrad"
+    track: str  # stream or link class, e.g. "stage0/compute", "stage0/comm.ep", "link/ib"
+    start_s: float
+    dur_s: float
+    args: dict[str, Any] = field(default_factory=dict)  # layer, microbatch, rank, bytes, flops
+
+
+@dataclass
+class SimResult:
+    step_time_s: float
+    tokens_per_s: float
+    mfu: float
+    # seconds of the iteration's critical path attributed to: compute, exposed_comm, bubble,
+    # optimizer, grad_sync (exposed), other; they add up to step_time_s
+    breakdown: dict[str, float]
+    memory_GiB: dict[str, float]  # weights, grads, optimizer, activations, buffers, total, capacity
+    fits: bool = True
+    name: str = ""
+    plan: dict[str, Any] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)  # per-op times of a layer, comm volumes, ...
+    timeline: list[TraceEvent] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        """Deterministic, JSON-ready dict (floats rounded so output is byte-stable)."""
+
+        def r(x: Any) -> Any:
+            if isinstance(x, float):
+                return float(f"{x:.9g}")
+            if isinstance(x, dict):
+                return {k: r(v) for k, v in sorted(x.items())}
+            if isinstance(x, (list, tuple)):
+                return [r(v) for v in x]
+            return x
+
+        return r({"name": self.name, "step_time_s": self.step_time_s, "tokens_per_s": self.tokens_per_s,
+                  "mfu": self.mfu, "breakdown": self.breakdown, "memory_GiB": self.memory_GiB,
+                  "fits": self.fits, "plan": self.plan, "details": self.details})

@@ -1,0 +1,68 @@
+"""Backend selection shared by every kernel module.
+
+Triton is imported lazily and only once, so `backend="torch"` works on machines where
+triton is missing, and the error for `backend="triton"` names the actual cause.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+
+import torch
+
+BACKENDS = ("triton", "torch", "auto")
+
+
+@lru_cache(maxsize=1)
+def triton_import_error() -> str | None:
+    """None when triton imports, else the reason (kept so every caller sees the same text)."""
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken install raising something else
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def interpret_mode() -> bool:
+    """True when Triton kernels run in the CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def triton_usable_on(device: torch.device) -> bool:
+    """Triton runs compiled on CUDA and interpreted on CPU only under TRITON_INTERPRET=1."""
+    if triton_import_error() is not None:
+        return False
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and interpret_mode()
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """Map a requested backend to the one that runs; fail loudly rather than silently falling back.
+
+    'auto' picks triton wherever it can run (CUDA, or CPU with TRITON_INTERPRET=1) and torch
+    otherwise; an explicit 'triton' that cannot run is an error, because a silent fallback would
+    make 'kernels: triton' runs measure the torch path.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "torch":
+        return "torch"
+    if backend == "auto":
+        return "triton" if triton_usable_on(device) else "torch"
+    err = triton_import_error()
+    if err is not None:
+        raise RuntimeError(f"backend='triton' requested but triton is not importable ({err}); "
+                           "install triton>=3.6 or use backend='torch'")
+    if not triton_usable_on(device):
+        raise RuntimeError(f"backend='triton' needs a CUDA tensor, or TRITON_INTERPRET=1 for CPU tensors "
+                           f"(got device {device}); set TRITON_INTERPRET=1 before importing triton "
+                           "or use backend='torch'")
+    return "triton"
+
+
+def use_autotune(device: torch.device) -> bool:
+    """Autotuning only pays on a real GPU; in the interpreter it would run every config serially."""
+    return device.type == "cuda" and not interpret_mode()

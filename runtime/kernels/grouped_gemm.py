@@ -1,0 +1,260 @@
+"""Grouped GEMM over experts: y_e = x_e @ W_e for rows of x sorted by expert.
+
+x is [M, K] with the rows of expert e at offsets[e]:offsets[e+1] (offsets = exclusive cumsum
+of the routing counts, so empty experts are just zero-length ranges); W is [E, K, N].
+Backward: dgrad dx_e = dy_e @ W_e^T reuses the forward kernel with W's strides swapped, and
+wgrad dW_e = x_e^T @ dy_e has its own kernel that reduces over each expert's rows.
+
+Nothing here syncs with the host: the grid is sized from an upper bound on the number of
+row tiles (cdiv(M, BLOCK_M) + E), and each program finds its expert from the offsets.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._backend import resolve_backend, triton_import_error, use_autotune
+
+# ---------------------------------------------------------------- torch reference
+
+
+def counts_to_offsets(counts: torch.Tensor) -> torch.Tensor:
+    """[E] counts -> [E+1] int32 exclusive prefix sum (int32 keeps kernel index math cheap)."""
+    offsets = torch.zeros(counts.numel() + 1, dtype=torch.int32, device=counts.device)
+    offsets[1:] = torch.cumsum(counts.to(torch.int64), 0).to(torch.int32)
+    return offsets
+
+
+def grouped_gemm_torch(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Reference: one matmul per expert (differentiable through plain autograd)."""
+    parts = torch.split(x, [int(c) for c in counts.tolist()], dim=0)
+    outs = [p @ w[e] for e, p in enumerate(parts)]
+    if not outs:
+        return x.new_zeros(0, w.shape[2])
+    return torch.cat(outs, dim=0)
+
+
+# ---------------------------------------------------------------- triton kernels
+
+if triton_import_error() is None:
+    import triton
+    import triton.language as tl
+
+    def _configs_fwd() -> list:
+        # H100: 128x256x64 with 3-4 stages is the usual bf16 sweet spot; 64-row tiles help
+        # when experts get few tokens (DeepSeek-style many small experts); fp8 likes BLOCK_K=128.
+        cfgs = []
+        for bm, bn, bk, w, s in [(128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (128, 128, 64, 4, 4),
+                                 (128, 128, 64, 8, 4), (64, 256, 64, 4, 4), (64, 128, 64, 4, 4),
+                                 (128, 256, 128, 8, 3), (128, 128, 128, 8, 3), (64, 128, 128, 4, 4)]:
+            cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
+                                      num_warps=w, num_stages=s))
+        return cfgs
+
+    def _configs_wgrad() -> list:
+        cfgs = []
+        for bk, bn, bm, w, s in [(128, 128, 64, 4, 4), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3),
+                                 (64, 128, 64, 4, 4), (128, 128, 128, 8, 3)]:
+            cfgs.append(triton.Config({"BLOCK_K": bk, "BLOCK_N": bn, "BLOCK_M": bm},
+                                      num_warps=w, num_stages=s))
+        return cfgs
+
+    @triton.jit
+    def _gg_fwd_kernel(a_ptr, b_ptr, c_ptr, offs_ptr, sa_ptr, sb_ptr, M, N, K, E,
+                       stride_am, stride_ak, stride_be, stride_bk, stride_bn,
+                       stride_cm, stride_cn, stride_sbe,
+                       HAS_SCALES: tl.constexpr, PRECISION: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       GROUP_M: tl.constexpr):
+        pid = tl.program_id(0)
+        num_m = tl.cdiv(M, BLOCK_M) + E  # upper bound on row tiles: each expert wastes < 1 tile
+        num_n = tl.cdiv(N, BLOCK_N)
+        # L2 swizzle over the virtual row-tile space: GROUP_M row tiles share each W column block.
+        width = GROUP_M * num_n
+        first_m = (pid // width) * GROUP_M
+        group_m = tl.minimum(num_m - first_m, GROUP_M)
+        tile_m = first_m + (pid % width) % group_m
+        pid_n = (pid % width) // group_m
+        # Find this tile's expert: walk the offsets, counting cdiv(count_e, BLOCK_M) tiles each.
+        expert = -1
+        row_start = 0
+        row_end = 0
+        seen = 0
+        for e in range(0, E):
+            lo = tl.load(offs_ptr + e)
+            hi = tl.load(offs_ptr + e + 1)
+            n_tiles = (hi - lo + BLOCK_M - 1) // BLOCK_M
+            hit = (tile_m >= seen) & (tile_m < seen + n_tiles) & (expert < 0)
+            row_start = tl.where(hit, lo + (tile_m - seen) * BLOCK_M, row_start)
+            row_end = tl.where(hit, hi, row_end)
+            expert = tl.where(hit, e, expert)
+            seen += n_tiles
+        valid = expert >= 0
+        # Padding tiles run zero K iterations and store nothing (no early return: portable).
+        k_end = tl.where(valid, K, 0)
+        e_safe = tl.maximum(expert, 0)
+        rows = row_start + tl.arange(0, BLOCK_M)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < row_end
+        col_ok = cols < N
+        ks = tl.arange(0, BLOCK_K)
+        a_ptrs = a_ptr + rows[:, None].to(tl.int64) * stride_am + ks[None, :] * stride_ak
+        b_ptrs = b_ptr + e_safe.to(tl.int64) * stride_be + ks[:, None] * stride_bk + cols[None, :] * stride_bn
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, k_end, BLOCK_K):
+            k_ok = (k0 + ks) < K
+            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+            a_ptrs += BLOCK_K * stride_ak
+            b_ptrs += BLOCK_K * stride_bk
+        if HAS_SCALES:  # FP8: per-row scale of x times per-column scale of W_e
+            sa = tl.load(sa_ptr + rows, mask=row_ok, other=0.0)
+            sb = tl.load(sb_ptr + e_safe * stride_sbe + cols, mask=col_ok, other=0.0)
+            acc = acc * sa[:, None] * sb[None, :]
+        c_ptrs = c_ptr + rows[:, None].to(tl.int64) * stride_cm + cols[None, :] * stride_cn
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :] & valid)
+
+    @triton.jit
+    def _gg_wgrad_kernel(a_ptr, g_ptr, c_ptr, offs_ptr, K, N,
+                         stride_am, stride_ak, stride_gm, stride_gn, stride_ce, stride_ck, stride_cn,
+                         PRECISION: tl.constexpr,
+                         BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
+        pid = tl.program_id(0)
+        e = tl.program_id(1)
+        num_n = tl.cdiv(N, BLOCK_N)
+        pid_k = pid // num_n
+        pid_n = pid % num_n
+        lo = tl.load(offs_ptr + e)
+        hi = tl.load(offs_ptr + e + 1)
+        kk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        ms = tl.arange(0, BLOCK_M)
+        k_ok = kk < K
+        col_ok = cols < N
+        acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+        # An empty expert loops zero times and stores zeros: dW_e = 0 is the right gradient.
+        for m0 in range(lo, hi, BLOCK_M):
+            rows = m0 + ms
+            r_ok = rows < hi
+            # x_e^T loaded directly as a [BLOCK_K, BLOCK_M] tile (transposed addressing).
+            at = tl.load(a_ptr + rows[None, :].to(tl.int64) * stride_am + kk[:, None] * stride_ak,
+                         mask=k_ok[:, None] & r_ok[None, :], other=0.0)
+            g = tl.load(g_ptr + rows[:, None].to(tl.int64) * stride_gm + cols[None, :] * stride_gn,
+                        mask=r_ok[:, None] & col_ok[None, :], other=0.0)
+            acc = tl.dot(at, g, acc, input_precision=PRECISION)
+        c_ptrs = c_ptr + e.to(tl.int64) * stride_ce + kk[:, None] * stride_ck + cols[None, :] * stride_cn
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=k_ok[:, None] & col_ok[None, :])
+
+    _gg_fwd_tuned = triton.autotune(configs=_configs_fwd(), key=["N", "K", "HAS_SCALES"])(_gg_fwd_kernel)
+    _gg_wgrad_tuned = triton.autotune(configs=_configs_wgrad(), key=["K", "N"])(_gg_wgrad_kernel)
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # fp32 inputs: honour torch's TF32 switch so "fp32" means the same thing on both backends.
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32" if dtype == torch.float32 else "ieee"
+
+
+def _launch_fwd(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, out: torch.Tensor,
+                b_strides: tuple[int, int, int], n: int, k: int,
+                sa: torch.Tensor | None = None, sb: torch.Tensor | None = None) -> torch.Tensor:
+    m, e = a.shape[0], offsets.numel() - 1
+    if m == 0 or n == 0:
+        return out
+    has_scales = sa is not None
+    sa_ = sa if has_scales else offsets  # dummy pointers, never read when HAS_SCALES is False
+    sb_ = sb if has_scales else offsets
+    stride_sbe = sb.stride(0) if has_scales else 0
+    args = (a, b, out, offsets, sa_, sb_, m, n, k, e, a.stride(0), a.stride(1), *b_strides,
+            out.stride(0), out.stride(1), stride_sbe)
+    prec = _precision(a.dtype)
+    if use_autotune(a.device):
+        def grid(meta):
+            return ((triton.cdiv(m, meta["BLOCK_M"]) + e) * triton.cdiv(n, meta["BLOCK_N"]),)
+        _gg_fwd_tuned[grid](*args, HAS_SCALES=has_scales, PRECISION=prec)
+    else:
+        bm, bn, bk = 16, 32, 32  # small tiles keep the interpreter fast and exercise ragged edges
+        grid = ((triton.cdiv(m, bm) + e) * triton.cdiv(n, bn),)
+        _gg_fwd_kernel[grid](*args, HAS_SCALES=has_scales, PRECISION=prec,
+                             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=4)
+    return out
+
+
+def grouped_gemm_fwd_triton(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """y = x_e @ W_e; W is [E, K, N] (any strides)."""
+    out = torch.empty(x.shape[0], w.shape[2], dtype=x.dtype, device=x.device)
+    return _launch_fwd(x, w, offsets, out, (w.stride(0), w.stride(1), w.stride(2)), w.shape[2], w.shape[1])
+
+
+def grouped_gemm_dgrad_triton(dy: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """dx = dy_e @ W_e^T: the forward kernel reading W [E, K, N] as [E, N, K] via swapped strides."""
+    out = torch.empty(dy.shape[0], w.shape[1], dtype=dy.dtype, device=dy.device)
+    return _launch_fwd(dy, w, offsets, out, (w.stride(0), w.stride(2), w.stride(1)), w.shape[1], w.shape[2])
+
+
+def grouped_gemm_wgrad_triton(x: torch.Tensor, dy: torch.Tensor, offsets: torch.Tensor,
+                              out_dtype: torch.dtype) -> torch.Tensor:
+    """dW_e = x_e^T @ dy_e -> [E, K, N]."""
+    e, k, n = offsets.numel() - 1, x.shape[1], dy.shape[1]
+    out = torch.empty(e, k, n, dtype=out_dtype, device=x.device)
+    if e == 0 or k == 0 or n == 0:
+        return out
+    args = (x, dy, out, offsets, k, n, x.stride(0), x.stride(1), dy.stride(0), dy.stride(1),
+            out.stride(0), out.stride(1), out.stride(2))
+    prec = _precision(x.dtype)
+    if use_autotune(x.device):
+        def grid(meta):
+            return (triton.cdiv(k, meta["BLOCK_K"]) * triton.cdiv(n, meta["BLOCK_N"]), e)
+        _gg_wgrad_tuned[grid](*args, PRECISION=prec)
+    else:
+        bk, bn, bm = 32, 32, 16
+        _gg_wgrad_kernel[(triton.cdiv(k, bk) * triton.cdiv(n, bn), e)](
+            *args, PRECISION=prec, BLOCK_K=bk, BLOCK_N=bn, BLOCK_M=bm)
+    return out
+
+
+def grouped_gemm_fp8_triton(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor,
+                            w_scale: torch.Tensor, counts: torch.Tensor,
+                            out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """FP8 forward: y = (xq_e @ wq_e) * x_scale[row] * w_scale[e, col] (per-token x per-channel).
+
+    xq [M, K] e4m3, x_scale [M] fp32, wq [E, K, N] e4m3 (stored [E, N, K] and viewed transposed is
+    fastest on Hopper: K-major B), w_scale [E, N] fp32.  Inference/benchmark path: no backward.
+    """
+    offsets = counts_to_offsets(counts)
+    out = torch.empty(xq.shape[0], wq.shape[2], dtype=out_dtype, device=xq.device)
+    return _launch_fwd(xq, wq, offsets, out, (wq.stride(0), wq.stride(1), wq.stride(2)),
+                       wq.shape[2], wq.shape[1], sa=x_scale.float().contiguous(), sb=w_scale.float())
+
+
+# ---------------------------------------------------------------- autograd
+
+
+class GroupedGemmFunction(torch.autograd.Function):
+    """Triton grouped GEMM with dgrad and wgrad kernels in backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        offsets = counts_to_offsets(counts)
+        ctx.save_for_backward(x, w, offsets)
+        return grouped_gemm_fwd_triton(x, w, offsets)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        x, w, offsets = ctx.saved_tensors
+        dy = dy.contiguous()
+        dx = grouped_gemm_dgrad_triton(dy, w, offsets) if ctx.needs_input_grad[0] else None
+        dw = grouped_gemm_wgrad_triton(x, dy, offsets, w.dtype) if ctx.needs_input_grad[1] else None
+        return dx, dw, None
+
+
+def grouped_gemm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """y[M, N] = x_e @ w[e] for rows sorted by expert; counts [E] sums to M; w [E, K, N]."""
+    if x.dim() != 2 or w.dim() != 3 or x.shape[1] != w.shape[1] or counts.numel() != w.shape[0]:
+        raise ValueError(f"grouped_gemm: x {tuple(x.shape)}, w {tuple(w.shape)}, counts {tuple(counts.shape)} "
+                         "do not fit x [M, K], w [E, K, N], counts [E]")
+    if resolve_backend(backend, x.device) == "torch":
+        return grouped_gemm_torch(x, w, counts)
+    return GroupedGemmFunction.apply(x, w, counts)
