@@ -76,10 +76,11 @@ if triton_import_error() is None:
         tile_m = first_m + (pid % width) % group_m
         pid_n = (pid % width) // group_m
         # Find this tile's expert: walk the offsets, counting cdiv(count_e, BLOCK_M) tiles each.
-        expert = -1
-        row_start = 0
-        row_end = 0
-        seen = 0
+        # Explicit int32 tensors: loop-carried values must keep one type when compiled.
+        expert = tl.full([], -1, tl.int32)
+        row_start = tl.full([], 0, tl.int32)
+        row_end = tl.full([], 0, tl.int32)
+        seen = tl.full([], 0, tl.int32)
         for e in range(0, E):
             lo = tl.load(offs_ptr + e)
             hi = tl.load(offs_ptr + e + 1)
@@ -89,9 +90,9 @@ if triton_import_error() is None:
             row_end = tl.where(hit, hi, row_end)
             expert = tl.where(hit, e, expert)
             seen += n_tiles
-        valid = expert >= 0
-        # Padding tiles run zero K iterations and store nothing (no early return: portable).
-        k_end = tl.where(valid, K, 0)
+        # Padding tiles (expert < 0) have row_end = 0, so they run zero K iterations and store
+        # nothing: no early return, which keeps the kernel portable across Triton versions.
+        k_end = tl.where(expert >= 0, K, 0)
         e_safe = tl.maximum(expert, 0)
         rows = row_start + tl.arange(0, BLOCK_M)
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -113,7 +114,7 @@ if triton_import_error() is None:
             sb = tl.load(sb_ptr + e_safe * stride_sbe + cols, mask=col_ok, other=0.0)
             acc = acc * sa[:, None] * sb[None, :]
         c_ptrs = c_ptr + rows[:, None].to(tl.int64) * stride_cm + cols[None, :] * stride_cn
-        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :] & valid)
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
     @triton.jit
     def _gg_wgrad_kernel(a_ptr, g_ptr, c_ptr, offs_ptr, K, N,
@@ -151,10 +152,11 @@ if triton_import_error() is None:
 
 
 def _precision(dtype: torch.dtype) -> str:
-    # fp32 inputs: honour torch's TF32 switch so "fp32" means the same thing on both backends.
+    # fp32 inputs honour torch's TF32 switch so "fp32" means the same on both backends; for
+    # bf16/fp8 the setting is ignored by the compiler, so pass Triton's default.
     if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
         return "ieee"
-    return "tf32" if dtype == torch.float32 else "ieee"
+    return "tf32"
 
 
 def _launch_fwd(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, out: torch.Tensor,
