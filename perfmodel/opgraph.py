@@ -39,6 +39,7 @@ class Op:
     group_size: int = 1
     imbalance: float = 1.0  # comm: hottest rank's traffic / mean (routing skew)
     branch: str = "main"  # ops on another branch may run concurrently with "main"
+    bwd_bytes: float | None = None  # comm: payload of the backward collective (gradients, bf16)
 
     @property
     def event(self) -> str:
@@ -81,14 +82,15 @@ def mem(name: str, nbytes: float) -> Op:
 
 
 def comm(name: str, collective: str, group: str, size: int, payload: float, dtype: str = ACT,
-         imbalance: float = 1.0) -> Op:
+         imbalance: float = 1.0, bwd_bytes: float | None = None) -> Op:
     return Op(name, "fwd", "comm", bytes=payload, dtype=dtype, collective=collective, group=group,
-              group_size=size, imbalance=imbalance)
+              group_size=size, imbalance=imbalance, bwd_bytes=payload if bwd_bytes is None else bwd_bytes)
 
 
 _REVERSE = {"all_to_all": "all_to_all", "all_gather": "reduce_scatter", "reduce_scatter": "all_gather",
             "all_reduce": "all_reduce", "send_recv": "send_recv"}
 # ops whose outputs selective recomputation drops and regenerates in backward (cheap to redo)
+QUANT_OPS = {"moe.dispatch_quant", "moe.dispatch_dequant", "moe.combine_quant", "moe.combine_dequant"}
 SELECTIVE = {"attn.norm", "moe.norm", "ffn.norm", "moe.act", "ffn.act", "moe.permute", "attn.tp_ag",
              "ffn.tp_ag", "moe.etp_ag"}
 
@@ -106,13 +108,24 @@ def _backward(fwd: list[Op], recompute: str) -> list[Op]:
         out.append(Op(**{**op.__dict__, "phase": "recompute", "deps": (prev,) if prev else ()}))
         prev = out[-1].event
     start = (prev,) if prev else ()
+    # quantize/dequantize exist only around compressed forward collectives: backward is bf16
+    grad_of = {op.event: op for op in fwd if op.name not in QUANT_OPS}
+
+    def dgrad_deps(event: str) -> tuple[str, ...]:
+        out: list[str] = []
+        for c in consumers[event]:
+            out += [f"{c.split('/')[0]}/dgrad"] if c in grad_of else list(dgrad_deps(c))
+        return tuple(dict.fromkeys(out))
+
     for op in reversed(fwd):
-        deps = tuple(f"{c.split('/')[0]}/dgrad" for c in consumers[op.event]) or start
+        if op.event not in grad_of:
+            continue
+        deps = dgrad_deps(op.event) or start
         if op.kind == "comm":
             coll = _REVERSE[op.collective or ""]
             # backward comm carries gradients in bf16 (compression applies to forward activations)
             out.append(Op(**{**op.__dict__, "phase": "dgrad", "deps": deps, "collective": coll,
-                             "dtype": ACT, "bytes": op.bytes / BYTES[op.dtype] * BYTES[ACT]}))
+                             "dtype": ACT, "bytes": op.bwd_bytes}))
             continue
         scale = 2.5 if op.kind == "attention" else 1.0  # flash-attention backward does 5 of 2 matmuls
         out.append(Op(**{**op.__dict__, "phase": "dgrad", "deps": deps, "flops": op.flops * scale,
@@ -191,15 +204,15 @@ class OpGraph:
         t_exp = t_route * L.etp * skew
         norm = b.add(mem("moe.norm", self.t_seq * h * a * 3))
         b.add(gemm("moe.router", self.t_seq, moe.experts, h, dtype="fp32"), after=(norm,))
-        last = b.add(mem("moe.permute", t_route * h * a * 2 + self.t_seq * k * 8))
+        b.add(mem("moe.permute", t_route * h * a * 2 + self.t_seq * k * 8))
         if L.ep > 1:
             d = p.compression.dispatch
             if d == "fp8":
-                last = b.add(mem("comm.quantize", t_route * h * (a + 1)))
+                b.add(mem("moe.dispatch_quant", t_route * h * (a + 1)))
             payload = t_route * (h * BYTES[d] + (FP8_SCALE_BYTES_PER_TOKEN if d == "fp8" else 0))
-            last = b.add(comm("moe.dispatch_a2a", "all_to_all", "ep", L.ep, payload, d, skew))
+            b.add(comm("moe.dispatch_a2a", "all_to_all", "ep", L.ep, payload, d, skew, t_route * h * a))
             if d == "fp8":
-                last = b.add(mem("comm.dequantize", t_route * skew * h * (a + 1)))
+                b.add(mem("moe.dispatch_dequant", t_route * skew * h * (a + 1)))
         if L.etp > 1:
             b.add(comm("moe.etp_ag", "all_gather", "etp", L.etp, t_exp * h * a))
         groups = moe.experts // L.ep
@@ -210,8 +223,12 @@ class OpGraph:
             b.add(comm("moe.etp_rs", "reduce_scatter", "etp", L.etp, t_exp * h * a))
         if L.ep > 1:
             c = p.compression.combine
+            if c == "fp8":
+                b.add(mem("moe.combine_quant", t_route * skew * h * (a + 1)))
             payload = t_route * skew * (h * BYTES[c] + (FP8_SCALE_BYTES_PER_TOKEN if c == "fp8" else 0))
-            b.add(comm("moe.combine_a2a", "all_to_all", "ep", L.ep, payload, c, skew))
+            b.add(comm("moe.combine_a2a", "all_to_all", "ep", L.ep, payload, c, skew, t_route * skew * h * a))
+            if c == "fp8":
+                b.add(mem("moe.combine_dequant", t_route * h * (a + 1)))
         joins = [b.fwd[-1].event]
         if m.shared_ffn_hidden:
             # the shared expert only needs the normed tokens: it is independent of the dispatch path

@@ -12,7 +12,8 @@ OP_NAMES: tuple[str, ...] = (
     "moe.fc2", "moe.etp_rs", "moe.combine_a2a", "moe.unpermute", "moe.shared",
     "ffn.norm", "ffn.tp_ag", "ffn.fc1", "ffn.act", "ffn.fc2", "ffn.tp_rs",  # dense (non-MoE) layers
     "head.norm", "head.proj", "head.loss",
-    "comm.quantize", "comm.dequantize",  # FP8/BF16 compression around a collective
+    # FP8 compression around the token all-to-alls (quantize before sending, dequantize after)
+    "moe.dispatch_quant", "moe.dispatch_dequant", "moe.combine_quant", "moe.combine_dequant",
     "dp.grad_sync", "dp.param_gather", "pp.send", "pp.recv", "optim.step",
 )
 PHASES: tuple[str, ...] = ("fwd", "dgrad", "wgrad", "recompute")

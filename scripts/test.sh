@@ -4,4 +4,4 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=1 MPLBACKEND=Agg
-python -m pytest -q -x --timeout=600 "$@"
+python -m pytest -q --timeout=600 "$@"
