@@ -1,0 +1,211 @@
+"""Per-GPU memory of a plan: weights, gradients, optimizer state, activations, comm buffers.
+
+All counts are per rank of one pipeline stage; `estimate_memory` reports the stage that
+needs the most (the first stage holds the most in-flight microbatches, the last the
+logits). Conventions (Megatron-Core mixed precision, Adam):
+
+* weights: bf16, 2 bytes/param. Attention, dense FFN, shared experts and the (vocab-
+  parallel) embeddings are split over tp; routed experts over ep (whole experts) and etp
+  (each expert's FFN width); norms and the router are replicated.
+* gradients: the main-grad buffer, fp32 (4 bytes/param), bf16 (2) when the plan
+  compresses grad_sync to bf16; never sharded.
+* optimizer: fp32 master weights + Adam m and v = 12 bytes/param; with
+  `distributed_optimizer` sharded over the param's data-parallel group: expert params over
+  edp, the others over dp*sp (SP ranks hold replicas of the attention weights).
+* activations (bf16, FlashAttention: no s^2 terms), after Korthikanti et al., "Reducing
+  Activation Recomputation in Large Transformer Models" (arXiv 2205.05198), adapted to
+  GQA/MLA, SwiGLU, RMSNorm and MoE. Each rank holds n = seq_len*micro_batch/(tp*sp)
+  tokens outside attention (sequence sharded over tp*sp; inside attention the heads are
+  sharded instead, the same bytes). Routed-expert tensors hold n*top_k*routing_skew*etp
+  tokens (the hottest rank; etp ranks all see their group's tokens) at width f/etp.
+  - none: everything a backward reads is stored.
+  - selective: norm outputs and SwiGLU outputs are recomputed (not stored).
+  - full: only each layer's input (2nh bytes) is stored, plus one layer's full working set
+    while it is recomputed.
+  In-flight microbatches on stage s: min(pp - s, microbatches) for 1F1B; interleaved
+  multiplies by 1 + (pp-1)/(pp*vpp) (Narayanan et al., arXiv 2104.04473). The last stage
+  adds the logits (bf16) and their fp32 softmax for the loss, one microbatch.
+* buffers: one MoE layer's all-to-all send+recv buffers for dispatch and combine (1 byte +
+  a 4-byte scale per 128 values for fp8, 2 bytes for bf16) and the SP all-to-all buffers;
+  they are transient, so one layer's worth is counted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from perfmodel.layout import Layout, plan_layout
+from perfmodel.specs import ModelSpec, PlanSpec, ProfileSpec
+
+GiB = float(2**30)
+BF16 = 2
+FP32 = 4
+ADAM_BYTES = 12  # fp32 master + m + v
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    weights_GiB: float
+    grads_GiB: float
+    optimizer_GiB: float
+    activations_GiB: float
+    buffers_GiB: float
+    total_GiB: float
+    capacity_GiB: float
+    fits: bool
+    short_GiB: float  # how much is missing (0 when it fits)
+    stage: int = 0  # the pipeline stage these numbers are for (the one needing the most)
+
+    def as_dict(self) -> dict[str, float | bool | int]:
+        return asdict(self)
+
+
+# ----------------------------------------------------------------------------- layers
+def _moe_upto(model: ModelSpec, n: int) -> int:
+    """Number of MoE layers among layers [0, n)."""
+    if model.moe is None:
+        return 0
+    after = max(0, n - model.moe.first_dense_layers)
+    return -(-after // model.moe.moe_layer_freq)
+
+
+def stage_layers(model: ModelSpec, plan: PlanSpec, stage: int) -> tuple[int, int]:
+    """(MoE layers, dense layers) held by a pipeline stage (its vpp chunks when interleaved)."""
+    chunks = plan.pp * plan.vpp
+    per = model.layers // chunks
+    moe = total = 0
+    for c in range(stage, chunks, plan.pp):
+        moe += _moe_upto(model, (c + 1) * per) - _moe_upto(model, c * per)
+        total += per
+    return moe, total - moe
+
+
+# ----------------------------------------------------------------------------- params
+def stage_params(model: ModelSpec, plan: PlanSpec, stage: int) -> tuple[float, float]:
+    """(non-expert params, routed-expert params) on one rank of `stage`."""
+    h, tp = model.hidden, plan.tp
+    n_moe, n_dense = stage_layers(model, plan, stage)
+    attn = (model.attn_in_params + model.attn_out_params) / tp + h  # + norm
+    dense = n_dense * (attn + h + 3 * h * (model.dense_ffn_hidden or 0) / tp)
+    expert = 0.0
+    if model.moe:
+        moe_rest = attn + h + h * model.moe.experts + 3 * h * model.shared_ffn_hidden / tp
+        dense += n_moe * moe_rest
+        expert = n_moe * (model.moe.experts / plan.ep) * model.expert_params / plan.etp
+    emb = model.vocab * h / tp
+    if stage == 0:
+        dense += emb
+    if stage == plan.pp - 1:
+        dense += h  # final norm
+        if not model.tie_embeddings or plan.pp > 1:
+            dense += emb  # output layer (a tied copy lives on the last stage when pp > 1)
+    return dense, expert
+
+
+# ------------------------------------------------------------------------ activations
+def _tokens(model: ModelSpec, lay: Layout) -> float:
+    return model.seq_len * lay.micro_batch / (lay.tp * lay.sp)
+
+
+def _attn_widths(model: ModelSpec, lay: Layout) -> tuple[int, int, int, int]:
+    """(q, k, v, o) widths of one token summed over all heads a rank's share is taken of."""
+    kvh = min(model.heads, max(model.kv_heads, lay.tp * lay.sp))  # kv heads replicate when fewer than ranks
+    return (model.heads * model.qk_head_dim, kvh * model.qk_head_dim, kvh * model.v_head_dim, model.q_dim)
+
+
+def layer_activation_bytes(model: ModelSpec, lay: Layout, moe_layer: bool, recompute: str) -> float:
+    """Bytes one layer stores for one microbatch on one rank (before pipeline in-flight factors)."""
+    n, h = _tokens(model, lay), model.hidden
+    if recompute == "full":
+        return BF16 * n * h
+    sel = recompute == "selective"
+    q, k, v, o = _attn_widths(model, lay)
+    # attention: norm input, [norm output], q k v, output (proj input), fp32 softmax stats
+    b = BF16 * n * (h + (0 if sel else h) + q + k + v + o) + FP32 * n * model.heads
+    if model.mla:
+        m = model.mla
+        b += BF16 * n * (m.q_lora_rank + m.kv_lora_rank + m.qk_rope_head_dim)  # latent up-proj inputs
+    b += BF16 * n * (h + (0 if sel else h))  # FFN norm input, [norm output]
+    if moe_layer and model.moe:
+        moe = model.moe
+        te = n * moe.top_k * moe.routing_skew * lay.etp
+        f = moe.expert_ffn_hidden / lay.etp
+        b += FP32 * n * moe.experts  # router logits/probs
+        b += BF16 * te * (h + 2 * f + (0 if sel else f))  # fc1 input, fc1 out (gate, up), [act out]
+        b += BF16 * n * moe.top_k * h  # expert outputs back home, read by unpermute's backward
+        fs = model.shared_ffn_hidden
+    else:
+        fs = model.dense_ffn_hidden or 0
+    if fs:
+        b += BF16 * n * (2 * fs + (0 if sel else fs))  # fc1 out (gate, up), [act out]; input = norm out
+    return b
+
+
+def stage_activation_bytes(model: ModelSpec, plan: PlanSpec, lay: Layout, stage: int) -> float:
+    n_moe, n_dense = stage_layers(model, plan, stage)
+    per_mb = (n_moe * layer_activation_bytes(model, lay, True, plan.recompute)
+              + n_dense * layer_activation_bytes(model, lay, False, plan.recompute))
+    in_flight = float(min(plan.pp - stage, lay.microbatches))
+    if plan.schedule == "interleaved" and plan.pp > 1:
+        in_flight *= 1 + (plan.pp - 1) / (plan.pp * plan.vpp)
+    total = per_mb * in_flight
+    if plan.recompute == "full":  # one layer's working set while it is recomputed
+        kinds = [k for k, c in ((True, n_moe), (False, n_dense)) if c]
+        total += max((layer_activation_bytes(model, lay, k, "none") for k in kinds), default=0.0)
+    if stage == plan.pp - 1:  # bf16 logits + fp32 softmax for the loss, vocab-parallel
+        total += (BF16 + FP32) * _tokens(model, lay) * model.vocab
+    return total
+
+
+def buffer_bytes(model: ModelSpec, plan: PlanSpec, lay: Layout) -> float:
+    n, h = _tokens(model, lay), model.hidden
+    buf = 0.0
+    if lay.sp > 1:  # SP all-to-all in and out of attention: send + recv of q, k, v and of o
+        q, k, v, o = _attn_widths(model, lay)
+        buf = max(buf, 2 * BF16 * n * max(q + k + v, o))
+    if model.moe and lay.ep > 1:
+        moe = model.moe
+
+        def width(dtype: str) -> float:
+            return 1 + 4 / 128 if dtype == "fp8" else BF16
+
+        out_tok = n * moe.top_k  # tokens a rank sends out (dispatch) / gets back (combine)
+        in_tok = out_tok * moe.routing_skew  # the hottest rank receives more
+        a2a = (width(plan.compression.dispatch) + width(plan.compression.combine)) * (out_tok + in_tok) * h
+        buf = max(buf, a2a)
+    return buf
+
+
+# ------------------------------------------------------------------------------ total
+def _estimate_stage(model: ModelSpec, plan: PlanSpec, lay: Layout, profile: ProfileSpec, stage: int) -> MemoryEstimate:
+    dense, expert = stage_params(model, plan, stage)
+    grad_bytes = BF16 if plan.compression.grad_sync == "bf16" else FP32
+    if plan.distributed_optimizer:
+        opt = ADAM_BYTES * (dense / (lay.dp * lay.sp) + expert / lay.edp)
+    else:
+        opt = ADAM_BYTES * (dense + expert)
+    parts = [
+        BF16 * (dense + expert) / GiB,
+        grad_bytes * (dense + expert) / GiB,
+        opt / GiB,
+        stage_activation_bytes(model, plan, lay, stage) / GiB,
+        buffer_bytes(model, plan, lay) / GiB,
+    ]
+    total = sum(parts)
+    cap = profile.memory_GiB
+    return MemoryEstimate(*parts, total_GiB=total, capacity_GiB=cap, fits=total <= cap,
+                          short_GiB=max(0.0, total - cap), stage=stage)
+
+
+def estimate_stages(model: ModelSpec, plan: PlanSpec, world: int, profile: ProfileSpec) -> list[MemoryEstimate]:
+    """One estimate per pipeline stage. Raises SpecError for a plan that cannot be laid out."""
+    lay = plan_layout(plan, model, world)
+    return [_estimate_stage(model, plan, lay, profile, s) for s in range(plan.pp)]
+
+
+def estimate_memory(model: ModelSpec, plan: PlanSpec, world: int, profile: ProfileSpec) -> MemoryEstimate:
+    """Per-GPU memory of the stage that needs the most; `fits`/`short_GiB` against the profile."""
+    lay = plan_layout(plan, model, world)
+    stages = {0, plan.pp - 1}  # the first stage has the most in flight, the last the logits
+    return max((_estimate_stage(model, plan, lay, profile, s) for s in sorted(stages)),
+               key=lambda e: e.total_GiB)
