@@ -25,9 +25,41 @@ def triton_import_error() -> str | None:
     return None
 
 
-def interpret_mode() -> bool:
-    """True when Triton kernels run in the CPU interpreter (TRITON_INTERPRET=1)."""
+def _env_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# triton.jit picks interpreted or compiled when a kernel is *defined*, i.e. when the kernel
+# modules import; freezing the flag then keeps our decisions consistent with the kernel objects
+# even if the environment changes later (see enable_interpreter for switching on purpose).
+_INTERPRET = _env_interpret()
+_KERNEL_MODULES = ("fp8", "grouped_gemm", "permute", "swiglu")
+
+
+def interpret_mode() -> bool:
+    """True when the kernels were defined under TRITON_INTERPRET=1 (they run on CPU tensors)."""
+    return _INTERPRET
+
+
+def enable_interpreter() -> None:
+    """Set TRITON_INTERPRET=1 and, if the kernels were already defined compiled, redefine them.
+
+    For CPU test sessions where something imported runtime.kernels before the variable was set;
+    reloading a module updates its globals in place, so the public functions pick up the
+    interpreted kernels.
+    """
+    global _INTERPRET
+    os.environ["TRITON_INTERPRET"] = "1"
+    if _INTERPRET:
+        return
+    _INTERPRET = True
+    import importlib
+    import sys
+
+    for name in _KERNEL_MODULES:
+        mod = sys.modules.get(f"{__package__}.{name}")
+        if mod is not None:
+            importlib.reload(mod)
 
 
 def triton_usable_on(device: torch.device) -> bool:
