@@ -473,7 +473,12 @@ def with_overrides(spec: Strict, overrides: dict[str, Any], where: str) -> Any:
     if not overrides:
         return spec
     data = deep_merge(spec.model_dump(mode="python"), overrides)
-    return parse_spec(data, spec.kind, where)  # type: ignore[attr-defined]
+    if type(spec) is SPEC_CLASSES.get(getattr(spec, "kind", "")):
+        return parse_spec(data, spec.kind, where)  # type: ignore[attr-defined]
+    try:  # a subclass (NamedPlan) or a nested part: validate as its own class
+        return type(spec).model_validate(data)
+    except ValidationError as exc:
+        raise SpecError(_format_error(exc, where, getattr(spec, "kind", type(spec).__name__))) from None
 
 
 def finite(x: float) -> bool:
