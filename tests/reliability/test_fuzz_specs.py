@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -24,7 +25,7 @@ from perfmodel.specs import (
 )
 from perfmodel.validate import check_study, cluster_profile, one_line
 
-FUZZ = settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 BASES: dict[str, list[dict[str, Any]]] = {"model": [], "cluster": [], "profile": []}
 for sub, kind in (("models", "model"), ("clusters", "cluster"), ("gpus", "profile")):
@@ -136,20 +137,20 @@ TINY = load_spec("tiny-moe", "model")
 PROFILE = load_spec("cpu", "profile")
 
 
+@pytest.mark.parametrize("kind", KINDS)
 @FUZZ
-@given(st.data())
-def test_mutated_dicts(data):
-    kind = data.draw(st.sampled_from(KINDS))
+@given(data=st.data())
+def test_mutated_dicts(kind, data):
     spec = data.draw(mutated(kind))
     check(spec, None)
     check(spec, kind)
 
 
+@pytest.mark.parametrize("kind", KINDS)
 @FUZZ
-@given(st.data())
-def test_mutated_yaml_text(data):
+@given(data=st.data())
+def test_mutated_yaml_text(kind, data):
     """Round trip through YAML text, with random edits of the text itself."""
-    kind = data.draw(st.sampled_from(KINDS))
     text = yaml.safe_dump(data.draw(mutated(kind)), sort_keys=False)
     if data.draw(st.booleans()) and text:
         i = data.draw(st.integers(0, len(text)))
