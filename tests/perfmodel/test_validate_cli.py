@@ -13,7 +13,7 @@ from perfmodel.cli import main
 from perfmodel.specs import PRESET_DIR
 
 ROOT = Path(__file__).resolve().parents[2]
-PRESET_FILES = sorted(str(p) for p in PRESET_DIR.glob("*/*.yaml"))
+PRESET_FILES = sorted(str(p) for sub in ("clusters", "gpus", "models") for p in (PRESET_DIR / sub).glob("*.yaml"))
 
 BAD = {
     "wrong_type": "kind: plan\ntp: two\n",
@@ -46,6 +46,12 @@ def test_all_presets_validate(capsys):
     out = capsys.readouterr().out.splitlines()
     assert len(out) == len(PRESET_FILES) and all(line.startswith("ok ") for line in out)
     assert f"ok {PRESET_DIR / 'clusters' / 'megascale-1440.yaml'} (cluster megascale-1440)" in out
+
+
+def test_every_packaged_yaml_validates(capsys):
+    """`moeperf validate perfmodel/presets/**/*.yaml`, whatever kinds the folder holds."""
+    files = sorted(str(p) for p in PRESET_DIR.rglob("*.yaml"))
+    assert main(["validate", *files]) == 0, capsys.readouterr().err
 
 
 def test_validate_json(capsys):
