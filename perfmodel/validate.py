@@ -100,19 +100,23 @@ def check_study(study: StudySpec, where: str, base: Path | None = None) -> Study
 
 def validate_file(path: str, kind: str | None = None) -> Strict:
     """Load and fully check one spec file; return the spec or raise SpecError (one line)."""
+    try:
+        return _validate_file(path, kind)
+    except SpecError as exc:
+        raise SpecError(one_line(str(exc))) from None
+
+
+def _validate_file(path: str, kind: str | None) -> Strict:
     p = Path(path)
     if p.is_dir():
         raise SpecError(f"{path}: is a directory; pass the YAML files in it (e.g. {path.rstrip('/')}/*.yaml)")
     try:
         data = yamlsafe.load_file(p)
     except yamlsafe.YamlError as exc:
-        raise SpecError(one_line(str(exc))) from None
+        raise SpecError(str(exc)) from None
     if data is None:
         raise SpecError(f"{path}: empty file, expected a YAML mapping")
-    try:
-        spec = parse_spec(data, kind, path)
-    except SpecError as exc:
-        raise SpecError(one_line(str(exc))) from None
+    spec = parse_spec(data, kind, path)
     if isinstance(spec, ClusterSpec):
         cluster_profile(spec, path, p.parent)
     elif isinstance(spec, StudySpec):

@@ -195,3 +195,10 @@ def test_infer_kind():
     assert infer_kind({"peak_tflops": {}}, "x") == "profile"
     assert infer_kind({"layers": 1}, "x") == "model"
     assert infer_kind({"ep": 1}, "x") == "plan"
+
+
+def test_error_is_one_line_even_for_keys_with_newlines(tmp_path):
+    bad(tmp_path, MODEL + '"evil\\nkey": 1\n', "unknown key")
+    study = ("kind: study\nmodel: tiny-moe\ncluster: cpu-local-4\nplans: [{name: a}]\n"
+             'variants: [{name: v, cluster: {"x\\ny": 1}}]\n')
+    bad(tmp_path, study, "unknown key")
