@@ -1,139 +1,281 @@
-"""Differentiable collectives used by the model (gloo on CPU, NCCL on GPU, same code).
+"""Compressed and overlappable collectives for the MoE runtime (gloo on CPU, NCCL on GPU).
 
-Each is an autograd Function whose backward is the collective's adjoint, so the model's
-loss.backward() moves gradients across ranks exactly as the forward moved activations:
-all-to-all <-> all-to-all with the splits swapped, all-gather <-> reduce-scatter,
-all-reduce(sum) <-> all-reduce(sum). A `None` group means one rank: every op is identity.
+- ``all_to_all(x, in_splits, out_splits, group, wire=...)``: token dispatch/combine with uneven
+  row splits.  ``wire="fp8"`` quantizes each row (or 1 x ``block`` group) to e4m3 with fp32
+  scales and ships payload + scales as raw bytes (gloo has no fp8 dtype, and a byte buffer
+  keeps one code path for both backends); ``"bf16"`` ships bf16; ``"native"`` the input dtype.
+  ``all_to_all_fp8`` / ``all_to_all_bf16`` are shorthands.
+- ``reduce_scatter(grad, group, wire=...)`` / ``all_reduce(...)``: gradient sync of fp32 grads;
+  ``wire=torch.bfloat16`` sends bf16 and sums in fp32 (MegaScale-MoE's FP32 -> BF16 compression):
+  reduce-scatter is an all-to-all of bf16 shards followed by a local fp32 sum, all-reduce adds an
+  all-gather of the bf16-rounded shard.  ``reduce_scatter_bf16`` / ``all_reduce_bf16`` are shorthands.
+- ``all_to_all_autograd``: differentiable all-to-all (fp8/bf16 forward, grads sent back with
+  swapped splits in ``grad_wire``), what the dispatcher calls inside the model.
+- Every ``*_async`` variant returns a ``Pending`` whose ``wait()`` gives the result, so the
+  caller can compute (shared expert, another micro-batch chunk) while bytes move.
+
+Byte accounting: every call adds to a ``CommStats`` (the module-level ``STATS`` unless one is
+passed) the bytes this rank puts on the wire to *other* ranks: payload plus scales, its own
+chunk excluded.  For ring-equivalent collectives that is (W-1)/W of the buffer per phase,
+which is what the simulator prices.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
 import torch
 import torch.distributed as dist
 
-
-def _size(group) -> int:
-    return 1 if group is None else dist.get_world_size(group)
+WIRES = ("native", "bf16", "fp8")
 
 
-def _a2a(x: torch.Tensor, out_splits: list[int] | None, in_splits: list[int] | None, group) -> torch.Tensor:
-    x = x.contiguous()
-    rows = sum(out_splits) if out_splits is not None else x.shape[0]
-    out = x.new_empty((rows, *x.shape[1:]))
-    dist.all_to_all_single(out, x, out_splits, in_splits, group=group)
-    return out
+@dataclass
+class CommStats:
+    """Bytes sent (and calls made) per op name; ``bytes_sent[name]`` is what tests and traces read."""
+
+    bytes_sent: dict[str, int] = field(default_factory=dict)
+    calls: dict[str, int] = field(default_factory=dict)
+
+    def add(self, name: str, nbytes: int) -> None:
+        self.bytes_sent[name] = self.bytes_sent.get(name, 0) + int(nbytes)
+        self.calls[name] = self.calls.get(name, 0) + 1
+
+    def total(self) -> int:
+        return sum(self.bytes_sent.values())
+
+    def reset(self) -> None:
+        self.bytes_sent.clear()
+        self.calls.clear()
 
 
-class _AllToAll(torch.autograd.Function):
+STATS = CommStats()
+
+
+@dataclass
+class Pending:
+    """An in-flight collective: ``wait()`` blocks, post-processes (dequantize, sum) and returns."""
+
+    work: object | None
+    finish: Callable[[], torch.Tensor]
+    bytes_sent: int
+
+    def wait(self) -> torch.Tensor:
+        if self.work is not None:
+            self.work.wait()
+            self.work = None
+        return self.finish()
+
+
+def _rank_world(group) -> tuple[int, int]:
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def _splits(s: Sequence[int] | torch.Tensor) -> list[int]:
+    return [int(v) for v in (s.tolist() if isinstance(s, torch.Tensor) else s)]
+
+
+def exchange_splits(in_splits: Sequence[int] | torch.Tensor, group=None,
+                    stats: CommStats | None = None) -> list[int]:
+    """Rows this rank sends to each peer -> rows it will receive from each (a tiny all-to-all)."""
+    _, world = _rank_world(group)
+    send = torch.tensor(_splits(in_splits), dtype=torch.int64)
+    if send.numel() != world:
+        raise ValueError(f"exchange_splits: {send.numel()} splits for a group of {world} ranks")
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else None
+    send = send.to(device) if device is not None else send
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send, group=group)
+    (stats or STATS).add("exchange_splits", 8 * (world - 1))
+    return _splits(recv.cpu())
+
+
+# ------------------------------------------------------------------ all-to-all
+
+
+def _pack(x: torch.Tensor, wire: str, block: int | None, backend: str) -> tuple[torch.Tensor, int]:
+    """Rows of x -> a [rows, bytes_per_row] uint8 buffer in the wire format; returns it and bytes/row."""
+    if wire == "fp8":
+        from runtime.kernels.fp8 import quantize_fp8
+
+        q, scale = quantize_fp8(x, block, backend)
+        groups = 1 if block is None else -(-x.shape[1] // block)
+        scale = scale.reshape(x.shape[0], groups).contiguous()
+        buf = torch.cat([q.view(torch.uint8), scale.view(torch.uint8)], dim=1)
+    else:
+        y = x.to(torch.bfloat16) if wire == "bf16" else x
+        buf = y.contiguous().view(torch.uint8)  # [rows, cols * element_size]
+    return buf, buf.shape[1]
+
+
+def _unpack(buf: torch.Tensor, cols: int, dtype: torch.dtype, wire: str, block: int | None,
+            backend: str) -> torch.Tensor:
+    rows = buf.shape[0]
+    if wire == "fp8":
+        from runtime.kernels.fp8 import FP8_DTYPE, dequantize_fp8
+
+        q = buf[:, :cols].contiguous().view(FP8_DTYPE)
+        scale = buf[:, cols:].contiguous().view(torch.float32)
+        scale = scale.reshape(rows) if block is None else scale
+        return dequantize_fp8(q, scale, block, dtype, backend)
+    wire_dtype = torch.bfloat16 if wire == "bf16" else dtype
+    return buf.contiguous().view(wire_dtype).to(dtype)
+
+
+def all_to_all_async(x: torch.Tensor, in_splits, out_splits, group=None, wire: str = "native",
+                     block: int | None = None, stats: CommStats | None = None, name: str = "all_to_all",
+                     backend: str = "auto") -> Pending:
+    """Start an all-to-all of the rows of x [rows, H]; ``in_splits[j]`` rows go to rank j."""
+    if wire not in WIRES:
+        raise ValueError(f"wire must be one of {WIRES}, got {wire!r}")
+    if x.dim() != 2:
+        raise ValueError(f"all_to_all: x must be [rows, H], got {tuple(x.shape)}")
+    ins, outs = _splits(in_splits), _splits(out_splits)
+    rank, world = _rank_world(group)
+    if len(ins) != world or len(outs) != world or sum(ins) != x.shape[0]:
+        raise ValueError(f"all_to_all: splits {ins} -> {outs} do not fit {x.shape[0]} rows on {world} ranks")
+    cols, dtype = x.shape[1], x.dtype
+    buf, row_bytes = _pack(x, wire, block, backend)
+    out = torch.empty(sum(outs), row_bytes, dtype=torch.uint8, device=x.device)
+    work = dist.all_to_all_single(out, buf, outs, ins, group=group, async_op=True)
+    nbytes = (sum(ins) - ins[rank]) * row_bytes
+    (stats or STATS).add(name, nbytes)
+    return Pending(work, lambda: _unpack(out, cols, dtype, wire, block, backend), nbytes)
+
+
+def all_to_all(x: torch.Tensor, in_splits, out_splits, group=None, wire: str = "native",
+               block: int | None = None, stats: CommStats | None = None, name: str = "all_to_all",
+               backend: str = "auto") -> tuple[torch.Tensor, int]:
+    """Blocking all-to-all -> (received rows [sum(out_splits), H] in x.dtype, bytes sent)."""
+    p = all_to_all_async(x, in_splits, out_splits, group, wire, block, stats, name, backend)
+    return p.wait(), p.bytes_sent
+
+
+def all_to_all_fp8(x, in_splits, out_splits, group=None, block: int | None = None,
+                   stats: CommStats | None = None, name: str = "all_to_all_fp8", backend: str = "auto"):
+    """FP8 e4m3 payload + fp32 scales per token (or per ``block`` columns) -> (y, bytes_sent)."""
+    return all_to_all(x, in_splits, out_splits, group, "fp8", block, stats, name, backend)
+
+
+def all_to_all_bf16(x, in_splits, out_splits, group=None, stats: CommStats | None = None,
+                    name: str = "all_to_all_bf16"):
+    return all_to_all(x, in_splits, out_splits, group, "bf16", None, stats, name)
+
+
+class _AllToAllFunction(torch.autograd.Function):
+    """y = all_to_all(x) in ``wire``; backward sends dy back along the reversed splits in ``grad_wire``.
+
+    FP8 rounding is treated as straight-through: its derivative is zero almost everywhere, and the
+    gradient of the dequantized activations is what the sender's graph needs.
+    """
+
     @staticmethod
-    def forward(ctx, x, out_splits, in_splits, group):
-        ctx.splits, ctx.group = (out_splits, in_splits), group
-        return _a2a(x, out_splits, in_splits, group)
+    def forward(ctx, x, in_splits, out_splits, group, wire, grad_wire, block, stats, name, backend):
+        ctx.meta = (in_splits, out_splits, group, grad_wire, stats, name, backend)
+        y, _ = all_to_all(x, in_splits, out_splits, group, wire, block, stats, name + "/fwd", backend)
+        return y
 
     @staticmethod
-    def backward(ctx, grad):
-        out_splits, in_splits = ctx.splits
-        return _a2a(grad, in_splits, out_splits, ctx.group), None, None, None
+    def backward(ctx, dy):
+        in_splits, out_splits, group, grad_wire, stats, name, backend = ctx.meta
+        dx, _ = all_to_all(dy.contiguous(), out_splits, in_splits, group, grad_wire, None, stats,
+                           name + "/bwd", backend)
+        return dx, *([None] * 9)
 
 
-def all_to_all(x: torch.Tensor, out_splits: list[int] | None, in_splits: list[int] | None, group) -> torch.Tensor:
-    """all_to_all_single along dim 0 with (possibly uneven) splits; differentiable."""
-    if group is None:
-        return x
-    return _AllToAll.apply(x, out_splits, in_splits, group)
+def all_to_all_autograd(x: torch.Tensor, in_splits, out_splits, group=None, wire: str = "fp8",
+                        grad_wire: str = "bf16", block: int | None = None, stats: CommStats | None = None,
+                        name: str = "all_to_all", backend: str = "auto") -> torch.Tensor:
+    """Differentiable all-to-all; bytes land in stats under ``name/fwd`` and ``name/bwd``."""
+    if grad_wire == "fp8":
+        raise ValueError("grad_wire='fp8' is not supported: gradients go as bf16 or native")
+    return _AllToAllFunction.apply(x, _splits(in_splits), _splits(out_splits), group, wire, grad_wire, block,
+                                   stats or STATS, name, backend)
 
 
-def exchange_counts(counts: torch.Tensor, group) -> torch.Tensor:
-    """counts[i] = rows this rank sends to peer i (dim 0 per peer) -> rows each peer sends here."""
-    if group is None:
-        return counts
-    return _a2a(counts, None, None, group)
+# ------------------------------------------------------------------ gradient sync
 
 
-def _gather(x: torch.Tensor, dim: int, group) -> torch.Tensor:
-    parts = [torch.empty_like(x) for _ in range(_size(group))]
-    dist.all_gather(parts, x.contiguous(), group=group)
-    return torch.cat(parts, dim=dim)
+def _wire_bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.uint8)
 
 
-def _reduce_scatter(x: torch.Tensor, dim: int, group) -> torch.Tensor:
-    n = _size(group)
-    parts = [p.contiguous() for p in x.chunk(n, dim=dim)]
-    out = torch.empty_like(parts[0])
-    dist.reduce_scatter(out, parts, group=group)
-    return out
+def reduce_scatter_async(grad: torch.Tensor, group=None, wire_dtype: torch.dtype = torch.float32,
+                         stats: CommStats | None = None, name: str = "reduce_scatter") -> Pending:
+    """Start a reduce-scatter of a flat fp32 gradient; ``wait()`` gives this rank's summed shard.
+
+    Shard r covers elements [r*S, (r+1)*S) of grad zero-padded to W*S, S = ceil(numel / W).
+    Done as an all-to-all of wire-dtype chunks + an fp32 sum, so the compressed and uncompressed
+    variants move exactly wire-size bytes and sum identically (gloo also lacks reduce-scatter
+    on older torch).
+    """
+    rank, world = _rank_world(group)
+    flat = grad.reshape(-1)
+    shard = -(-flat.numel() // world)
+    padded = torch.zeros(world * shard, dtype=wire_dtype, device=flat.device)
+    padded[: flat.numel()] = flat.to(wire_dtype)
+    send = _wire_bytes(padded)
+    recv = torch.empty_like(send)
+    work = dist.all_to_all_single(recv, send, group=group, async_op=True)
+    nbytes = (world - 1) * shard * padded.element_size()
+    (stats or STATS).add(name, nbytes)
+
+    def finish() -> torch.Tensor:
+        chunks = recv.view(wire_dtype).view(world, shard)
+        return chunks.to(torch.float32).sum(dim=0).to(grad.dtype)
+
+    return Pending(work, finish, nbytes)
 
 
-class _Gather(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, dim, group):
-        ctx.dim, ctx.group = dim, group
-        return _gather(x, dim, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _reduce_scatter(grad, ctx.dim, ctx.group), None, None
+def reduce_scatter(grad: torch.Tensor, group=None, wire_dtype: torch.dtype = torch.float32,
+                   stats: CommStats | None = None, name: str = "reduce_scatter") -> tuple[torch.Tensor, int]:
+    p = reduce_scatter_async(grad, group, wire_dtype, stats, name)
+    return p.wait(), p.bytes_sent
 
 
-class _ReduceScatter(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, dim, group):
-        ctx.dim, ctx.group = dim, group
-        return _reduce_scatter(x, dim, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _gather(grad, ctx.dim, ctx.group), None, None
+def reduce_scatter_bf16(grad: torch.Tensor, group=None, stats: CommStats | None = None,
+                        name: str = "reduce_scatter_bf16") -> tuple[torch.Tensor, int]:
+    return reduce_scatter(grad, group, torch.bfloat16, stats, name)
 
 
-class _AllReduce(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        x = x.clone()
-        dist.all_reduce(x, group=group)
-        return x
+def all_reduce_async(grad: torch.Tensor, group=None, wire_dtype: torch.dtype = torch.float32,
+                     average: bool = False, stats: CommStats | None = None, name: str = "all_reduce") -> Pending:
+    """Start an all-reduce; ``wait()`` gives the full summed (or averaged) tensor in grad's dtype/shape.
 
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.clone()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad, None
+    fp32 wire: the backend's native all-reduce (ring-equivalent bytes recorded).  bf16 wire:
+    reduce-scatter of bf16 chunks with an fp32 sum, then an all-gather of the bf16-rounded shards.
+    """
+    rank, world = _rank_world(group)
+    st = stats or STATS
+    shard = -(-grad.numel() // world)
+    elem = torch.empty((), dtype=wire_dtype).element_size()
+    nbytes = 2 * (world - 1) * shard * elem
+    if wire_dtype == grad.dtype:
+        buf = grad.detach().clone().contiguous()
+        work = dist.all_reduce(buf, group=group, async_op=True)
+        st.add(name, nbytes)
+        return Pending(work, lambda: buf / world if average else buf, nbytes)
+    rs = reduce_scatter_async(grad, group, wire_dtype, CommStats(), name)
 
+    def finish() -> torch.Tensor:
+        mine = rs.wait().to(wire_dtype)
+        gathered = [torch.empty_like(_wire_bytes(mine)) for _ in range(world)]
+        dist.all_gather(gathered, _wire_bytes(mine), group=group)
+        full = torch.cat([g.view(wire_dtype) for g in gathered])[: grad.numel()].to(grad.dtype)
+        full = full.view_as(grad)
+        return full / world if average else full
 
-def all_gather(x: torch.Tensor, dim: int, group) -> torch.Tensor:
-    """Concatenate every rank's x along dim (in group order); backward reduce-scatters."""
-    return x if group is None else _Gather.apply(x, dim, group)
-
-
-def reduce_scatter(x: torch.Tensor, dim: int, group) -> torch.Tensor:
-    """Sum x over the group and keep this rank's chunk along dim; backward all-gathers."""
-    return x if group is None else _ReduceScatter.apply(x, dim, group)
-
-
-def all_reduce(x: torch.Tensor, group) -> torch.Tensor:
-    """Sum over the group. Backward also sums: each rank's loss term depends on every input."""
-    return x if group is None else _AllReduce.apply(x, group)
-
-
-def seq_to_heads(x: torch.Tensor, group) -> torch.Tensor:
-    """Ulysses all-to-all: [B, S/n, Hd, D] sequence-sharded -> [B, S, Hd/n, D] head-sharded."""
-    n = _size(group)
-    if n == 1:
-        return x
-    b, s, h, d = x.shape
-    # peer i gets head chunk i: lay the chunks out along dim 0 so all_to_all_single splits them evenly
-    x = x.reshape(b, s, n, h // n, d).permute(2, 0, 1, 3, 4)
-    y = all_to_all(x, None, None, group)  # [n (source = seq chunk), b, s, h/n, d]
-    return y.permute(1, 0, 2, 3, 4).reshape(b, n * s, h // n, d)
+    st.add(name, nbytes)
+    return Pending(None, finish, nbytes)
 
 
-def heads_to_seq(x: torch.Tensor, group) -> torch.Tensor:
-    """Inverse of seq_to_heads: [B, S, Hd/n, D] -> [B, S/n, Hd, D]."""
-    n = _size(group)
-    if n == 1:
-        return x
-    b, s, h, d = x.shape
-    x = x.reshape(b, n, s // n, h, d).permute(1, 0, 2, 3, 4)
-    y = all_to_all(x, None, None, group)  # [n (source = head chunk), b, s/n, h, d]
-    return y.permute(1, 2, 0, 3, 4).reshape(b, s // n, n * h, d)
+def all_reduce(grad: torch.Tensor, group=None, wire_dtype: torch.dtype = torch.float32, average: bool = False,
+               stats: CommStats | None = None, name: str = "all_reduce") -> tuple[torch.Tensor, int]:
+    p = all_reduce_async(grad, group, wire_dtype, average, stats, name)
+    return p.wait(), p.bytes_sent
+
+
+def all_reduce_bf16(grad: torch.Tensor, group=None, average: bool = False, stats: CommStats | None = None,
+                    name: str = "all_reduce_bf16") -> tuple[torch.Tensor, int]:
+    return all_reduce(grad, group, torch.bfloat16, average, stats, name)
