@@ -1,0 +1,103 @@
+"""GQA attention with RoPE and causal SDPA, under sequence and/or tensor parallelism.
+
+Activations enter and leave sequence-sharded: [B, S/(tp*sp), H] per rank.
+- Tensor parallelism (Megatron with sequence parallelism): all-gather the sequence over tp,
+  column-parallel q/k/v (heads split over tp), row-parallel output, reduce-scatter back.
+- Sequence parallelism (Ulysses, as MegaScale-MoE runs attention): project q/k/v on the local
+  sequence shard, all-to-all to trade the sequence shard for a head shard, run full-sequence
+  causal attention on heads/sp, all-to-all back. Attention weights stay whole on every sp rank
+  (their gradients are summed over sp), so no weight traffic, only activations.
+MLA models (DeepSeek) are run as plain GQA with the spec's heads/kv_heads/head_dim: the runtime
+measures the parallel structure, not MLA's low-rank projections (documented assumption).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.profiler import record_function
+from torch.utils.checkpoint import checkpoint
+
+from perfmodel.specs import ModelSpec
+from runtime import parallel_ops as comm
+from runtime.groups import Parallel
+from runtime.params import REPLICATED, Placement, make_param
+
+
+def rope(x: torch.Tensor, positions: torch.Tensor, theta: float = 10000.0) -> torch.Tensor:
+    """Rotary embedding (rotate-half form) of x [B, S, heads, D] at absolute positions [S]."""
+    d = x.shape[-1]
+    inv = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float32, device=x.device) / d)
+    ang = positions.to(torch.float32)[:, None] * inv[None, :]  # [S, D/2]
+    cos = torch.cat([ang.cos(), ang.cos()], -1)[None, :, None, :]
+    sin = torch.cat([ang.sin(), ang.sin()], -1)[None, :, None, :]
+    x1, x2 = x[..., : d // 2], x[..., d // 2:]
+    rot = torch.cat([-x2, x1], -1)
+    return (x.float() * cos + rot.float() * sin).to(x.dtype)
+
+
+def _core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal SDPA on [B, S, h, D] (k/v already repeated to h heads)."""
+    o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+    return o.transpose(1, 2)
+
+
+class Attention(nn.Module):
+    def __init__(self, spec: ModelSpec, par: Parallel, prefix: str, seed: int, selective_recompute: bool = False):
+        super().__init__()
+        self.par, self.seq_len = par, spec.seq_len
+        nh, nkv, d, h = spec.heads, spec.kv_heads, spec.head_dim, spec.hidden
+        tp, ti = par.size("tp"), par.index("tp")
+        self.d, self.nhl = d, nh // tp
+        col = Placement(reduce=("sp",), shard_group="dp", shard=(0, ti, tp))
+        std = 0.02
+        self.wq = make_param(f"{prefix}.wq", (nh * d, h), seed, std, col)
+        # kv heads split over tp when they divide it; otherwise (tp a multiple of kv_heads) every tp
+        # rank computes all kv heads and keeps the one its q heads use, so k/v weights are
+        # replicated over tp and their gradients summed there
+        self.kv_sharded = nkv % tp == 0
+        kv_place = col if self.kv_sharded else REPLICATED
+        self.wk = make_param(f"{prefix}.wk", (nkv * d, h), seed, std, kv_place)
+        self.wv = make_param(f"{prefix}.wv", (nkv * d, h), seed, std, kv_place)
+        group = nh // nkv
+        if self.kv_sharded:
+            self.kv_slice = (0, nkv // tp)
+        else:
+            self.kv_slice = ((ti * self.nhl) // group, ((ti + 1) * self.nhl - 1) // group + 1)
+        row = Placement(reduce=("sp",), shard_group="dp", shard=(1, ti, tp))
+        self.wo = make_param(f"{prefix}.wo", (h, nh * d), seed, std / (2 * spec.layers) ** 0.5, row)
+        self.selective_recompute = selective_recompute
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        par = self.par
+        tp_pg, sp_pg, sp = par.pg("tp"), par.pg("sp"), par.size("sp")
+        with record_function("attn.tp_ag/fwd"):
+            x = comm.all_gather(x, 1, tp_pg)  # [B, S/sp, H]
+        b, s, _ = x.shape
+        with record_function("attn.qkv/fwd"):
+            q = F.linear(x, self.wq).view(b, s, self.nhl, self.d)
+            k = F.linear(x, self.wk).view(b, s, -1, self.d)[:, :, self.kv_slice[0]:self.kv_slice[1]]
+            v = F.linear(x, self.wv).view(b, s, -1, self.d)[:, :, self.kv_slice[0]:self.kv_slice[1]]
+            pos = torch.arange(s, device=x.device) + par.index("sp") * s
+            q, k = rope(q, pos), rope(k, pos)
+            nkvl = k.shape[2]
+            if nkvl % sp:  # too few kv heads to split over sp: repeat them up to the q heads
+                k = k.repeat_interleave(self.nhl // nkvl, dim=2)
+                v = v.repeat_interleave(self.nhl // nkvl, dim=2)
+        with record_function("attn.sp_a2a_in/fwd"):
+            q, k, v = (comm.seq_to_heads(t, sp_pg) for t in (q, k, v))  # [B, S, heads/sp, D]
+        with record_function("attn.core/fwd"):
+            rep = q.shape[2] // k.shape[2]
+            if rep > 1:
+                k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
+            if self.selective_recompute and torch.is_grad_enabled():
+                o = checkpoint(_core, q, k, v, use_reentrant=False)
+            else:
+                o = _core(q, k, v)
+        with record_function("attn.sp_a2a_out/fwd"):
+            o = comm.heads_to_seq(o, sp_pg)  # [B, S/sp, heads_local, D]
+        with record_function("attn.proj/fwd"):
+            y = F.linear(o.reshape(b, s, self.nhl * self.d), self.wo)  # partial sums over tp
+        with record_function("attn.tp_rs/fwd"):
+            return comm.reduce_scatter(y, 1, tp_pg)

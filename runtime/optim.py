@@ -1,0 +1,199 @@
+"""Gradient synchronisation and AdamW with fp32 master weights, optionally sharded.
+
+Parameters are bucketed by where their gradients must be summed (see runtime.params):
+first all-reduced over the `reduce` kinds (e.g. sp: same weights, different tokens), then over
+the data-parallel kind (`dp`, or `edp` for experts). Each bucket is one flat fp32 buffer.
+- plan.distributed_optimizer: reduce-scatter over the data-parallel group, AdamW on this
+  rank's shard of the master weights, all-gather the updated weights (ZeRO-1 style).
+- otherwise: all-reduce, every rank steps the whole master copy.
+plan.compression.grad_sync == "bf16" sends the gradient in bf16 (halves the bytes) and sums
+into fp32 again on arrival. The global gradient norm for clipping counts each distinct
+gradient element once: a shard's squared norm is divided by the number of ranks holding it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.profiler import record_function
+
+from runtime.groups import Parallel
+from runtime.params import Placement, placement
+
+
+@dataclass
+class Bucket:
+    params: list[nn.Parameter]
+    place: Placement
+    shard_pg: object
+    shard_n: int
+    shard_i: int
+    dup: int  # ranks holding an identical copy of this rank's post-sync gradient slice
+    master: nn.Parameter = field(init=False)
+    numel: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.numel = sum(p.numel() for p in self.params)
+        padded = -(-self.numel // self.shard_n) * self.shard_n  # equal shards for reduce-scatter
+        flat = torch.zeros(padded, dtype=torch.float32, device=self.params[0].device)
+        flat[: self.numel] = torch.cat([p.detach().float().reshape(-1) for p in self.params])
+        n = padded // self.shard_n
+        self.master = nn.Parameter(flat[self.shard_i * n:(self.shard_i + 1) * n].clone())
+
+    def flat_grad(self) -> torch.Tensor:
+        g = [p.grad.float().reshape(-1) if p.grad is not None else torch.zeros(p.numel(), device=p.device)
+             for p in self.params]
+        flat = torch.cat(g)
+        pad = self.master.numel() * self.shard_n - self.numel
+        return torch.cat([flat, flat.new_zeros(pad)]) if pad else flat
+
+    def scatter(self, flat: torch.Tensor) -> None:
+        """Copy a full flat value into the model parameters."""
+        off = 0
+        with torch.no_grad():
+            for p in self.params:
+                p.copy_(flat[off:off + p.numel()].view_as(p))
+                off += p.numel()
+
+
+def _sum(t: torch.Tensor, pg, bf16: bool) -> torch.Tensor:
+    if pg is None:
+        return t
+    if bf16:
+        low = t.to(torch.bfloat16)
+        dist.all_reduce(low, group=pg)
+        return low.float()
+    dist.all_reduce(t, group=pg)
+    return t
+
+
+def _reduce_scatter_flat(out: torch.Tensor, inp: torch.Tensor, pg) -> None:
+    # torch 2.13 renamed reduce_scatter_tensor (deprecated there); 2.11 only has the old name
+    fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    fn(out, inp, group=pg)
+
+
+class ShardedAdamW:
+    def __init__(self, modules: list[nn.Module], par: Parallel, lr: float, betas=(0.9, 0.95), eps: float = 1e-8,
+                 weight_decay: float = 0.1, distributed: bool = True, grad_bf16: bool = False):
+        self.par, self.distributed, self.grad_bf16 = par, distributed, grad_bf16
+        # bucket key leaves out the shard index, which differs between ranks, so that every rank
+        # walks its buckets (and so issues its collectives) in the same order
+        groups: dict[tuple, list[nn.Parameter]] = {}
+        for m in modules:
+            for p in m.parameters():
+                pl = placement(p)
+                groups.setdefault((pl.reduce, pl.shard_group, pl.decay, pl.shard is None), []).append(p)
+        self.buckets: list[Bucket] = []
+        for key in sorted(groups):
+            place = placement(groups[key][0])
+            kind = place.shard_group
+            n = par.size(kind) if distributed else 1
+            dup = math.prod(par.size(k) for k in place.reduce) * (1 if distributed else par.size(kind))
+            self.buckets.append(Bucket(groups[key], place, par.pg(kind), n, par.index(kind) if distributed else 0,
+                                       dup))
+        decay = [b.master for b in self.buckets if b.place.decay]
+        no_decay = [b.master for b in self.buckets if not b.place.decay]
+        self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                                      {"params": no_decay, "weight_decay": 0.0}],
+                                     lr=lr, betas=betas, eps=eps, foreach=False)
+
+    def sync_grads(self) -> None:
+        """Sum every gradient over the ranks that share its parameter; leaves master.grad set."""
+        with record_function("dp.grad_sync/fwd"):
+            for b in self.buckets:
+                flat = b.flat_grad()
+                for kind in b.place.reduce:
+                    flat = _sum(flat, self.par.pg(kind), self.grad_bf16)
+                if b.shard_n > 1:
+                    send = flat.to(torch.bfloat16) if self.grad_bf16 else flat
+                    out = send.new_empty(b.master.numel())
+                    _reduce_scatter_flat(out, send, b.shard_pg)
+                    b.master.grad = out.float()
+                else:
+                    flat = _sum(flat, b.shard_pg, self.grad_bf16)  # all-reduce (None: one rank)
+                    b.master.grad = flat.clone()
+
+    def grad_norm(self) -> float:
+        sq = torch.zeros((), dtype=torch.float64)
+        for b in self.buckets:
+            sq += b.master.grad.double().pow(2).sum().cpu() / b.dup
+        if self.par.world > 1:
+            sq = sq.to(self.buckets[0].master.device)
+            dist.all_reduce(sq)
+        return float(sq.sqrt())
+
+    def full_grads(self) -> dict[str, torch.Tensor]:
+        """Synced gradient of every local parameter (gathered from the shards); for tests."""
+        out = {}
+        for b in self.buckets:
+            g = b.master.grad
+            if b.shard_n > 1:
+                parts = [torch.empty_like(g) for _ in range(b.shard_n)]
+                dist.all_gather(parts, g.contiguous(), group=b.shard_pg)
+                g = torch.cat(parts)
+            off = 0
+            for p in b.params:
+                out[p.full_name] = g[off:off + p.numel()].view(p.shape).clone()
+                off += p.numel()
+        return out
+
+    def step(self, lr: float, clip: float) -> float:
+        """Clip, step the masters, copy back to the model (gathering shards); returns the grad norm."""
+        norm = self.grad_norm()
+        coef = min(1.0, clip / (norm + 1e-6)) if clip > 0 else 1.0
+        with record_function("optim.step/fwd"):
+            for b in self.buckets:
+                if coef < 1.0:
+                    b.master.grad.mul_(coef)
+            for g in self.opt.param_groups:
+                g["lr"] = lr
+            self.opt.step()
+        with record_function("dp.param_gather/fwd"):
+            for b in self.buckets:
+                b.scatter(self._full(b))
+                b.master.grad = None
+        return norm
+
+    def zero_grad(self, modules: list[nn.Module]) -> None:
+        for m in modules:
+            for p in m.parameters():
+                p.grad = None
+
+    def state(self) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for i, b in enumerate(self.buckets):
+            out[f"b{i}.master"] = b.master.data
+            st = self.opt.state.get(b.master, {})
+            for k in ("exp_avg", "exp_avg_sq"):
+                if k not in st:  # create the state before a checkpoint load so it loads in place
+                    st[k] = torch.zeros_like(b.master.data)
+                out[f"b{i}.{k}"] = st[k]
+            st.setdefault("step", torch.zeros((), dtype=torch.float32))
+            out[f"b{i}.step"] = st["step"]
+            self.opt.state[b.master] = st
+        return out
+
+    def after_load(self) -> None:
+        for b in self.buckets:
+            b.scatter(self._full(b))
+
+    def _full(self, b: Bucket) -> torch.Tensor:
+        full = b.master.detach()
+        if b.shard_n > 1:
+            parts = [torch.empty_like(full) for _ in range(b.shard_n)]
+            dist.all_gather(parts, full.contiguous(), group=b.shard_pg)
+            full = torch.cat(parts)
+        return full
+
+
+def lr_at(step: int, base: float, warmup: int, total: int, min_ratio: float = 0.1) -> float:
+    """Linear warmup for `warmup` steps, then cosine decay to min_ratio*base at `total` (1-based step)."""
+    if warmup and step <= warmup:
+        return base * step / warmup
+    t = min(1.0, (step - warmup) / max(1, total - warmup))
+    return base * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t)))

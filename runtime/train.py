@@ -1,0 +1,240 @@
+"""torchrun entry point: `python -m torch.distributed.run --nproc-per-node N -m runtime.train ...`.
+
+Real distributed training of a plan: AdamW with fp32 masters, warmup + cosine LR, gradient
+clipping, fp32 on CPU (gloo) / bf16 autocast on GPU (NCCL). Rank 0 prints one progress line per
+step and appends metrics to <out>/metrics.jsonl; checkpoints go to <out>/ckpt/step_<n>/.
+Iteration n's data and everything else is a function of (seed, n) plus the checkpointed state, so
+`--resume` continues bit-for-bit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.elastic.multiprocessing.errors import record
+
+from perfmodel import atomic
+from perfmodel.argparse_util import parser
+from perfmodel.layout import plan_layout
+from perfmodel.specs import ModelSpec, PlanSpec, load_spec
+from runtime import checkpoint
+from runtime.data import Data, local_batch
+from runtime.groups import Parallel, build_parallel
+from runtime.model import build_stages, lm_loss, scale
+from runtime.optim import ShardedAdamW, lr_at
+from runtime.pipeline import make_schedule, run_step
+from runtime.profiling import StepProfiler
+
+
+@dataclass
+class TrainConfig:
+    model: ModelSpec
+    plan: PlanSpec
+    steps: int = 10
+    out: Path | None = None
+    data: list[str] = field(default_factory=list)
+    seed: int = 0
+    lr: float = 1e-3
+    warmup: int = 10
+    clip: float = 1.0
+    ckpt_every: int = 0
+    resume: bool = False
+    dump_grads: Path | None = None  # write step-1 synced gradients here (tests)
+    inject_failure: tuple[int, int] | None = None  # (rank, step): raise there (tests failure handling)
+    quiet: bool = False
+    # profiling (runtime/profiling.py): torch.profiler traces of steps "A:B" into trace_dir
+    profile_steps: str | None = None
+    trace_dir: Path | None = None
+    cluster: str | None = None  # recorded in the traces' meta.yaml
+
+
+def _reset_stats(stages) -> None:
+    for _, st in stages:
+        for m in st.moe_layers().values():
+            m.tokens_per_expert.zero_()
+            m.aux_sum.zero_()
+
+
+def _step_stats(stages, spec: ModelSpec, loss: torch.Tensor, device) -> tuple[float, float, int]:
+    """World-summed (loss, aux loss, max tokens routed to one expert in one layer)."""
+    e = spec.moe.experts if spec.moe else 0
+    counts = torch.zeros(spec.layers, e, device=device)
+    aux = torch.zeros((), device=device)
+    for _, st in stages:
+        for i, m in st.moe_layers().items():
+            counts[i] = m.tokens_per_expert
+            aux += m.aux_sum
+    packed = torch.cat([loss.reshape(1).float().to(device), aux.reshape(1), counts.reshape(-1)]).double()
+    if dist.is_initialized():
+        dist.all_reduce(packed)  # every term is a disjoint share (tokens, layers), so the sum is the total
+    return float(packed[0]), float(packed[1]), int(packed[2:].max()) if e else 0
+
+
+def train(cfg: TrainConfig, par: Parallel, device: torch.device) -> list[dict]:
+    spec, plan = cfg.model, cfg.plan
+    layout = plan_layout(plan, spec, par.world)
+    torch.manual_seed(cfg.seed)
+    stages = build_stages(spec, plan, par, cfg.seed)
+    modules = [m.to(device) for _, m in stages]
+    if device.type == "cuda":
+        for m in modules:
+            m.autocast = torch.bfloat16
+    opt = ShardedAdamW(modules, par, cfg.lr, distributed=plan.distributed_optimizer,
+                       grad_bf16=plan.compression.grad_sync == "bf16")
+    data = Data.from_files(cfg.data, spec.vocab, spec.seq_len, plan.global_batch, cfg.seed) if cfg.data \
+        else Data(spec.vocab, spec.seq_len, plan.global_batch, cfg.seed)
+    global_tokens = plan.global_batch * spec.seq_len
+
+    def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return lm_loss(logits, targets, global_tokens)
+
+    n_stages = par.size("pp") * len(stages)
+    schedule = None
+    if par.size("pp") > 1:
+        logits_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        schedule = make_schedule(stages, spec, par, plan.micro_batch, layout.microbatches, loss_fn, device,
+                                 logits_dtype)
+    meta = {"world": par.world, "plan": plan.model_dump(mode="json"), "model": spec.model_dump(mode="json"),
+            "seed": cfg.seed}
+    state = {f"r{par.rank}": {"model": {p.full_name: p.data for m in modules for p in m.parameters()},
+                              "optim": opt.state(), "rng": torch.get_rng_state()}}
+    start, metrics_path, records = 0, None, []
+    ckpt_dir = cfg.out / "ckpt" if cfg.out else None
+    if cfg.out:
+        metrics_path = cfg.out / "metrics.jsonl"
+    if cfg.resume and ckpt_dir and (found := checkpoint.latest(ckpt_dir)):
+        start = checkpoint.load(found, state, meta)
+        opt.after_load()
+        torch.set_rng_state(state[f"r{par.rank}"]["rng"])
+        if par.rank == 0 and metrics_path and metrics_path.exists():  # drop steps that will be redone
+            keep = [ln for ln in metrics_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= start]
+            atomic.write_text(metrics_path, "".join(ln + "\n" for ln in keep))
+        if par.rank == 0 and not cfg.quiet:
+            print(f"resumed from {found} (step {start})", flush=True)
+    elif par.rank == 0 and metrics_path:
+        atomic.write_text(metrics_path, "")
+    # --- profiling (runtime/profiling.py) ---
+    trace_dir = cfg.trace_dir or (cfg.out / "traces" / cfg.out.name if cfg.out else None)
+    prof = StepProfiler.create(cfg.profile_steps, trace_dir, par.rank, par.world, spec, plan, cfg.cluster)
+    for step in range(start + 1, cfg.steps + 1):
+        prof.begin(step)
+        t0 = time.perf_counter()
+        if cfg.inject_failure == (par.rank, step):
+            raise RuntimeError(f"injected failure at step {step}")
+        inputs, targets = (t.to(device) for t in local_batch(data.batch(step), par))
+        _reset_stats(stages)
+        if schedule is not None:
+            loss = run_step(schedule, stages, n_stages, inputs, targets)
+        else:
+            loss = torch.zeros((), device=device)
+            mb = plan.micro_batch
+            for j in range(layout.microbatches):
+                part = lm_loss(modules[0](inputs[j * mb:(j + 1) * mb]), targets[j * mb:(j + 1) * mb], global_tokens)
+                part.backward()
+                loss += part.detach()
+        opt.sync_grads()
+        if cfg.dump_grads and step == start + 1:
+            synced = opt.full_grads()
+            grads = {p.full_name: (synced[p.full_name].cpu(), p.place.shard) for m in modules for p in m.parameters()}
+            cfg.dump_grads.mkdir(parents=True, exist_ok=True)
+            torch.save(grads, cfg.dump_grads / f"rank{par.rank}.pt")
+        norm = opt.step(lr_at(step, cfg.lr, cfg.warmup, cfg.steps), cfg.clip)
+        opt.zero_grad(modules)
+        loss_v, aux_v, max_tpe = _step_stats(stages, spec, loss, device)
+        dt = time.perf_counter() - t0
+        prof.end(step, dt)
+        rec = {"step": step, "loss": loss_v, "aux_loss": aux_v, "grad_norm": norm,
+               "lr": lr_at(step, cfg.lr, cfg.warmup, cfg.steps), "tokens_per_s": global_tokens / dt,
+               "step_time_s": dt, "max_tokens_per_expert": max_tpe}
+        records.append(rec)
+        if par.rank == 0:
+            if metrics_path:
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+            if not cfg.quiet:
+                print(f"step {step}/{cfg.steps} loss {loss_v:.4f} aux {aux_v:.4f} tok/s {rec['tokens_per_s']:.0f} "
+                      f"step {dt:.3f}s max_tok/expert {max_tpe}", flush=True)
+        if ckpt_dir and cfg.ckpt_every and (step % cfg.ckpt_every == 0 or step == cfg.steps):
+            state[f"r{par.rank}"]["rng"] = torch.get_rng_state()
+            checkpoint.save(ckpt_dir, step, state, par.rank, meta)
+    prof.close()
+    return records
+
+
+def _args(argv: list[str]):
+    ap = parser("run (rank)", "one rank of a moeperf training job; launched by torchrun")
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--plan", required=True)
+    ap.add_argument("--scale", type=float, default=1.0)
+    ap.add_argument("--layers", type=int, default=None)
+    ap.add_argument("--seq-len", type=int, default=None)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--data", nargs="*", default=[])
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--clip", type=float, default=1.0)
+    ap.add_argument("--ckpt-every", type=int, default=0)
+    ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--dump-grads", type=Path, default=None)
+    ap.add_argument("--inject-failure", default=None, help="RANK:STEP (testing failure handling)")
+    ap.add_argument("--pg-timeout-s", type=float, default=120.0)
+    ap.add_argument("--profile-steps", default=None, help="A:B: torch.profiler traces of steps A..B")
+    ap.add_argument("--trace-dir", type=Path, default=None, help="where traces go (default <out>/traces/<out name>)")
+    ap.add_argument("--cluster", default=None, help="cluster preset/path recorded in the traces' meta.yaml")
+    return ap.parse_args(argv)
+
+
+def config_from_args(a) -> TrainConfig:
+    model = load_spec(a.model, "model")
+    if a.scale != 1.0 or a.layers or a.seq_len:
+        model = scale(model, a.scale, a.layers, a.seq_len)
+    inj = tuple(int(x) for x in a.inject_failure.split(":")) if a.inject_failure else None
+    # a restarted worker (torchrun --max-restarts) resumes from the last checkpoint
+    resume = a.resume or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+    return TrainConfig(model=model, plan=load_spec(a.plan, "plan"), steps=a.steps, out=a.out, data=a.data,
+                       seed=a.seed, lr=a.lr, warmup=a.warmup, clip=a.clip, ckpt_every=a.ckpt_every,
+                       resume=resume, dump_grads=a.dump_grads, inject_failure=inj,
+                       profile_steps=a.profile_steps, trace_dir=a.trace_dir, cluster=a.cluster)  # type: ignore[arg-type]
+
+
+def init_distributed(timeout_s: float) -> tuple[int, int, torch.device]:
+    cuda = torch.cuda.is_available()
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s))
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+@record
+def main(argv: list[str] | None = None) -> int:
+    a = _args(list(sys.argv[1:] if argv is None else argv))
+    cfg = config_from_args(a)
+    rank, world, device = init_distributed(a.pg_timeout_s)
+    try:
+        par = build_parallel(cfg.plan, world, rank, timeout=timedelta(seconds=a.pg_timeout_s))
+        train(cfg, par, device)
+        dist.barrier()
+    except Exception as exc:
+        msg = f"rank {rank} failed: {type(exc).__name__}: {exc}"
+        print(f"moeperf run: {msg}", file=sys.stderr, flush=True)
+        if cfg.out:
+            atomic.write_text(cfg.out / "failures" / f"rank{rank}.txt", msg + "\n")
+        raise
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,26 @@
+"""Shared by the equivalence test and its torchrun worker: the model and plans compared."""
+
+from perfmodel.specs import ModelSpec, MoESpec
+
+# tiny-moe's structure (GQA 4:2, 8 experts top-2, one shared expert) at a length that keeps
+# 6 plans x 4 ranks on 2 cores fast
+MODEL = dict(name="equiv-moe", layers=4, hidden=64, heads=4, kv_heads=2, head_dim=16, vocab=256, seq_len=32,
+             moe=dict(experts=8, top_k=2, expert_ffn_hidden=64, shared_experts=1))
+
+PLANS = {
+    "dp4": dict(),
+    "ep4": dict(ep=4),
+    "sp2_ep2": dict(sp=2, ep=2),
+    "dp2_ep2": dict(ep=2),
+    "tp2_dp2": dict(tp=2),
+    "pp2_dp2": dict(pp=2),
+}
+GLOBAL_BATCH, MICRO_BATCH = 8, 1
+
+
+def tiny_model() -> ModelSpec:
+    return ModelSpec(**{**MODEL, "moe": MoESpec(**MODEL["moe"])})
+
+
+def plan_fields(name: str) -> dict:
+    return {"name": name, "global_batch": GLOBAL_BATCH, "micro_batch": MICRO_BATCH, **PLANS[name]}
