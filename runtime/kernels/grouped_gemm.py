@@ -65,7 +65,7 @@ if triton_import_error() is None:
                        stride_cm, stride_cn, stride_sbe,
                        HAS_SCALES: tl.constexpr, PRECISION: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                       GROUP_M: tl.constexpr):
+                       GROUP_M: tl.constexpr, E_POW2: tl.constexpr):
         pid = tl.program_id(0)
         num_m = tl.cdiv(M, BLOCK_M) + E  # upper bound on row tiles: each expert wastes < 1 tile
         num_n = tl.cdiv(N, BLOCK_N)
@@ -75,32 +75,29 @@ if triton_import_error() is None:
         group_m = tl.minimum(num_m - first_m, GROUP_M)
         tile_m = first_m + (pid % width) % group_m
         pid_n = (pid % width) // group_m
-        # Find this tile's expert: walk the offsets, counting cdiv(count_e, BLOCK_M) tiles each.
-        # Explicit int32 tensors: loop-carried values must keep one type when compiled.
-        expert = tl.full([], -1, tl.int32)
-        row_start = tl.full([], 0, tl.int32)
-        row_end = tl.full([], 0, tl.int32)
-        seen = tl.full([], 0, tl.int32)
-        for e in range(0, E):
-            lo = tl.load(offs_ptr + e)
-            hi = tl.load(offs_ptr + e + 1)
-            n_tiles = (hi - lo + BLOCK_M - 1) // BLOCK_M
-            hit = (tile_m >= seen) & (tile_m < seen + n_tiles) & (expert < 0)
-            row_start = tl.where(hit, lo + (tile_m - seen) * BLOCK_M, row_start)
-            row_end = tl.where(hit, hi, row_end)
-            expert = tl.where(hit, e, expert)
-            seen += n_tiles
-        # Padding tiles (expert < 0) have row_end = 0, so they run zero K iterations and store
-        # nothing: no early return, which keeps the kernel portable across Triton versions.
-        k_end = tl.where(expert >= 0, K, 0)
-        e_safe = tl.maximum(expert, 0)
+        # Find this tile's expert without a serial loop over experts: expert e owns virtual tiles
+        # [cum[e] - tiles[e], cum[e]), so the owner is the number of experts whose cum <= tile_m.
+        eidx = tl.arange(0, E_POW2)
+        e_ok = eidx < E
+        lo = tl.load(offs_ptr + eidx, mask=e_ok, other=0)
+        hi = tl.load(offs_ptr + eidx + 1, mask=e_ok, other=0)
+        n_tiles = (hi - lo + BLOCK_M - 1) // BLOCK_M
+        cum = tl.cumsum(n_tiles, axis=0)
+        valid = tile_m < tl.sum(n_tiles, axis=0)
+        expert = tl.sum((cum <= tile_m).to(tl.int32), axis=0)
+        sel = (eidx == expert) & valid
+        row_start = tl.sum(tl.where(sel, lo + (tile_m - (cum - n_tiles)) * BLOCK_M, 0), axis=0)
+        row_end = tl.sum(tl.where(sel, hi, 0), axis=0)  # 0 for padding tiles: every row masked off
+        # Padding tiles run zero K iterations and store nothing (no early return: portable).
+        k_end = tl.where(valid, K, 0)
+        expert = tl.where(valid, expert, 0)
         rows = row_start + tl.arange(0, BLOCK_M)
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < row_end
         col_ok = cols < N
         ks = tl.arange(0, BLOCK_K)
         a_ptrs = a_ptr + rows[:, None].to(tl.int64) * stride_am + ks[None, :] * stride_ak
-        b_ptrs = b_ptr + e_safe.to(tl.int64) * stride_be + ks[:, None] * stride_bk + cols[None, :] * stride_bn
+        b_ptrs = b_ptr + expert.to(tl.int64) * stride_be + ks[:, None] * stride_bk + cols[None, :] * stride_bn
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, k_end, BLOCK_K):
             k_ok = (k0 + ks) < K
@@ -111,7 +108,7 @@ if triton_import_error() is None:
             b_ptrs += BLOCK_K * stride_bk
         if HAS_SCALES:  # FP8: per-row scale of x times per-column scale of W_e
             sa = tl.load(sa_ptr + rows, mask=row_ok, other=0.0)
-            sb = tl.load(sb_ptr + e_safe * stride_sbe + cols, mask=col_ok, other=0.0)
+            sb = tl.load(sb_ptr + expert * stride_sbe + cols, mask=col_ok, other=0.0)
             acc = acc * sa[:, None] * sb[None, :]
         c_ptrs = c_ptr + rows[:, None].to(tl.int64) * stride_cm + cols[None, :] * stride_cn
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
@@ -147,7 +144,7 @@ if triton_import_error() is None:
         c_ptrs = c_ptr + e.to(tl.int64) * stride_ce + kk[:, None] * stride_ck + cols[None, :] * stride_cn
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=k_ok[:, None] & col_ok[None, :])
 
-    _gg_fwd_tuned = triton.autotune(configs=_configs_fwd(), key=["N", "K", "HAS_SCALES"])(_gg_fwd_kernel)
+    _gg_fwd_tuned = triton.autotune(configs=_configs_fwd(), key=["N", "K", "HAS_SCALES", "E_POW2"])(_gg_fwd_kernel)
     _gg_wgrad_tuned = triton.autotune(configs=_configs_wgrad(), key=["K", "N"])(_gg_wgrad_kernel)
 
 
@@ -172,15 +169,16 @@ def _launch_fwd(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, out: to
     args = (a, b, out, offsets, sa_, sb_, m, n, k, e, a.stride(0), a.stride(1), *b_strides,
             out.stride(0), out.stride(1), stride_sbe)
     prec = _precision(a.dtype)
+    e_pow2 = max(16, triton.next_power_of_2(e))  # >= 16: tiny aranges trip some backends
     if use_autotune(a.device):
         def grid(meta):
             return ((triton.cdiv(m, meta["BLOCK_M"]) + e) * triton.cdiv(n, meta["BLOCK_N"]),)
-        _gg_fwd_tuned[grid](*args, HAS_SCALES=has_scales, PRECISION=prec)
+        _gg_fwd_tuned[grid](*args, HAS_SCALES=has_scales, PRECISION=prec, E_POW2=e_pow2)
     else:
         bm, bn, bk = 16, 32, 32  # small tiles keep the interpreter fast and exercise ragged edges
         grid = ((triton.cdiv(m, bm) + e) * triton.cdiv(n, bn),)
         _gg_fwd_kernel[grid](*args, HAS_SCALES=has_scales, PRECISION=prec,
-                             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=4)
+                             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=4, E_POW2=e_pow2)
     return out
 
 
