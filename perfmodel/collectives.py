@@ -1,0 +1,164 @@
+"""Collective algorithms expanded into flows on the topology, and their cost.
+
+Payload B is the op's local buffer (opgraph convention): the full gathered/reduced buffer
+for all_gather / reduce_scatter / all_reduce, the send buffer for all_to_all, the message
+for send_recv. Algorithms (as NCCL picks them for these shapes):
+  ring          inside one NVLink domain, or one rank per node: each rank sends (n-1)/n B
+                (all_reduce 2(n-1)/n B) to its ring successor; n-1 (2(n-1)) latency steps
+  hierarchical  l ranks on each of k nodes: reduce-scatter over NVLink, the ring across
+                nodes on B/l per rail (l rings in parallel), all-gather over NVLink
+  pairwise a2a  every rank sends B/n to each peer at once (intra- and inter-node flows);
+                flows to/from the representative (hottest) rank scale by the imbalance
+  send_recv     one flow
+
+Cost: in the fluid model every flow scales with B, so a collective costs
+`latency_s + B * s_per_byte`; both come from ONE fluid run per (placement, algorithm) at
+B = 1 and are cached. Other groups of the same kind run at the same time: on each link the
+representative group gets the share b / max(b, load) of its capacity, where load is the mean
+load that all n_groups concurrent groups put on the links of that class (by symmetry,
+n_groups x the representative's load on the class / the class's link count).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import simpy
+
+from perfmodel.sim.fluid import FluidNet
+from perfmodel.topology import Topology
+
+MAX_FLUID_FLOWS = 4096  # above this, a phase's time is its most loaded link (exact when flows end together)
+
+
+@dataclass(frozen=True)
+class Flow:
+    src: int
+    dst: int
+    bytes: float  # per byte of payload
+
+
+@dataclass(frozen=True)
+class Phase:
+    flows: tuple[Flow, ...]
+    steps: int  # latency steps (ring hops in sequence)
+
+
+@dataclass(frozen=True)
+class CollectiveCost:
+    latency_s: float
+    s_per_byte: float
+    link_class: str  # the link class that bounds it: nvlink | nic | spine | none
+    algorithm: str
+
+    def time_s(self, payload_bytes: float) -> float:
+        return self.latency_s + payload_bytes * self.s_per_byte if payload_bytes > 0 else 0.0
+
+
+def _ring(ranks: tuple[int, ...], frac: float, steps: int) -> Phase:
+    n = len(ranks)
+    return Phase(tuple(Flow(ranks[i], ranks[(i + 1) % n], frac) for i in range(n)), steps)
+
+
+def _by_node(topo: Topology, group: tuple[int, ...]) -> list[list[int]]:
+    nodes: dict[int, list[int]] = {}
+    for r in group:
+        nodes.setdefault(r // topo.domain_gpus, []).append(r)
+    return [nodes[k] for k in sorted(nodes)]
+
+
+def expand(collective: str, group: tuple[int, ...], topo: Topology, imbalance: float = 1.0) -> tuple[str, list[Phase]]:
+    """(algorithm name, phases of flows per byte of payload) for the group's collective."""
+    n = len(group)
+    if collective == "send_recv":
+        return "p2p", [Phase((Flow(group[0], group[-1], 1.0),), 1)] if n > 1 else []
+    if n <= 1:
+        return "none", []
+    if collective == "all_to_all":
+        rep = group[0]
+        flows = tuple(Flow(a, b, (imbalance if rep in (a, b) else 1.0) / n) for a in group for b in group if a != b)
+        return "pairwise", [Phase(flows, 1)]
+    nodes = _by_node(topo, group)
+    k, l = len(nodes), len(nodes[0])
+    hier = k > 1 and l > 1 and all(len(x) == l for x in nodes)
+    if not hier:
+        f = (n - 1) / n
+        if collective == "all_reduce":
+            return "ring", [_ring(group, 2 * f, 2 * (n - 1))]
+        return "ring", [_ring(group, f, n - 1)]
+    fl, fk = (l - 1) / l, (k - 1) / k
+    intra = [tuple(x) for x in nodes]
+    rails = [tuple(x[i] for x in nodes) for i in range(l)]
+
+    def par(rings: list[tuple[int, ...]], frac: float, steps: int) -> Phase:
+        return Phase(tuple(f for r in rings for f in _ring(r, frac, steps).flows), steps)
+
+    rs_in, ag_in = par(intra, fl, l - 1), par(intra, fl, l - 1)
+    if collective == "reduce_scatter":
+        return "hierarchical", [rs_in, par(rails, fk / l, k - 1)]
+    if collective == "all_gather":
+        return "hierarchical", [par(rails, fk / l, k - 1), ag_in]
+    return "hierarchical", [rs_in, par(rails, 2 * fk / l, 2 * (k - 1)), ag_in]
+
+
+def _coarse(cls: str) -> str:
+    return cls.split("_")[0].replace("pcie", "nic")
+
+
+def _phase_time(phase: Phase, topo: Topology, n_groups: int) -> tuple[float, float, str]:
+    """(latency_s, s_per_byte, bounding class) of one phase of the representative group."""
+    routes = [(f, topo.route(f.src, f.dst)) for f in phase.flows]
+    routes = [(f, r) for f, r in routes if r]
+    if not routes:
+        return 0.0, 0.0, "none"
+    load: dict[int, float] = {}
+    for f, r in routes:
+        for link in r:
+            load[link] = load.get(link, 0.0) + f.bytes
+    class_load: dict[str, float] = {}
+    for link, b in load.items():
+        class_load[topo.cls[link]] = class_load.get(topo.cls[link], 0.0) + b
+    cap = {}
+    for link, b in load.items():
+        c = topo.cls[link]
+        mean = n_groups * class_load[c] / topo.links_of_class[c]
+        cap[link] = topo.cap_Bps[link] * min(1.0, b / mean) if mean > b else topo.cap_Bps[link]
+    bott = max(load, key=lambda x: (load[x] / cap[x], -x))
+    if len(routes) > MAX_FLUID_FLOWS:
+        t = load[bott] / cap[bott]
+    else:
+        env = simpy.Environment()
+        net = FluidNet(env, cap)
+        net.submit_many([(f.bytes, r) for f, r in routes])
+        env.run()
+        t = env.now
+    lat = phase.steps * max(topo.route_latency_s(r) for _, r in routes)
+    return lat, t, _coarse(topo.cls[bott])
+
+
+_CACHE: dict[tuple, CollectiveCost] = {}
+
+
+def collective_cost(topo: Topology, collective: str, group: tuple[int, ...], imbalance: float = 1.0,
+                    n_groups: int = 1) -> CollectiveCost:
+    """Cost of the collective for `group` while `n_groups` groups of its kind run concurrently (cached)."""
+    key = (topo, collective, group, imbalance, n_groups)
+    cost = _CACHE.get(key)
+    if cost is None:
+        algo, phases = expand(collective, group, topo, imbalance)
+        lat = spb = 0.0
+        worst, cls = -1.0, "none"
+        for ph in phases:
+            pl, pt, pc = _phase_time(ph, topo, n_groups)
+            lat, spb = lat + pl, spb + pt
+            if pt > worst:
+                worst, cls = pt, pc
+        if len(_CACHE) > 100_000:
+            _CACHE.clear()
+        cost = _CACHE[key] = CollectiveCost(lat, spb, cls, algo)
+    return cost
+
+
+def bytes_sent(phases: list[Phase], rank: int) -> float:
+    """Bytes (per byte of payload) that `rank` sends over all phases."""
+    return sum(f.bytes for ph in phases for f in ph.flows if f.src == rank)

@@ -1,0 +1,75 @@
+"""Compute-op timing from a hardware profile (ProfileSpec).
+
+  gemm       FLOPs / (peak[dtype] x efficiency(FLOPs)), floored by its HBM traffic
+             (grouped GEMMs use the grouped curve; fp8 GEMMs the fp8 peak)
+  attention  FLOPs / (peak_bf16 x attention efficiency(FLOPs)), floored by HBM traffic
+  memory     bytes / (HBM bandwidth x memory efficiency(bytes))
+  + one kernel launch overhead per op.
+
+`efficiency_work` lets the intra-op tile model time a slice of a GEMM at the efficiency of
+the whole GEMM (tiles of one fused kernel keep its efficiency; chunks do not).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from perfmodel.opgraph import Op
+from perfmodel.specs import ProfileSpec, SpecError
+
+TILE_OVERHEAD_US = 0.5  # per tile of a fused GEMM+comm kernel (tile sync, no extra launch)
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """Per-profile constants in SI units, precomputed once (hot path of the simulator)."""
+
+    profile: ProfileSpec
+    hbm_Bps: float
+    launch_s: float
+    tile_overhead_s: float = TILE_OVERHEAD_US * 1e-6
+
+    @classmethod
+    def of(cls, profile: ProfileSpec) -> Hardware:
+        return cls(profile, profile.hbm_bw_GBps * 1e9, profile.launch_overhead_us * 1e-6)
+
+    def peak_flops(self, dtype: str) -> float:
+        peaks = self.profile.peak_tflops
+        for key in (dtype, "tf32" if dtype == "fp32" else dtype, "bf16", "fp16", "fp32"):
+            if key in peaks:
+                return peaks[key] * 1e12  # type: ignore[index]
+        raise SpecError(f"profile {self.profile.name}: peak_tflops has no entry for {dtype}")
+
+    def memory_s(self, nbytes: float) -> float:
+        if nbytes <= 0:
+            return 0.0
+        return nbytes / (self.hbm_Bps * max(self.profile.memory_efficiency.at(nbytes), 1e-9))
+
+    def compute_s(self, op: Op, frac: float = 1.0, efficiency_work: float | None = None,
+                  launch_s: float | None = None) -> float:
+        """Seconds for `frac` of a compute op (gemm | attention | memory) on one GPU, launch included.
+
+        `efficiency_work` (FLOPs) sets the size the efficiency curve is read at (default: the
+        slice's own FLOPs); `launch_s` overrides the launch overhead (a tile's overhead).
+        """
+        p = self.profile
+        over = self.launch_s if launch_s is None else launch_s
+        nbytes = op.bytes * frac
+        if op.kind == "memory":
+            return self.memory_s(nbytes) + over
+        flops = op.flops * frac
+        work = flops if efficiency_work is None else efficiency_work
+        if op.kind == "gemm":
+            grouped = op.shape is not None and op.shape[0] > 1 and p.grouped_gemm_efficiency is not None
+            curve = p.grouped_gemm_efficiency if grouped else p.gemm_efficiency
+        elif op.kind == "attention":
+            curve = p.attention_efficiency
+        else:
+            raise ValueError(f"{op.event} is not a compute op")
+        eff = max(curve.at(work), 1e-9)  # type: ignore[union-attr]
+        dtype = op.dtype if op.kind == "gemm" else "bf16"
+        t_math = flops / (self.peak_flops(dtype) * eff) if flops > 0 else 0.0
+        return max(t_math, self.memory_s(nbytes)) + over
+
+    def peak_bf16_flops(self) -> float:
+        return self.peak_flops("bf16")
