@@ -37,7 +37,7 @@ class Op:
     collective: str | None = None
     group: str | None = None  # a group kind of layout.rank_groups
     group_size: int = 1
-    imbalance: float = 1.0  # comm: hottest rank's traffic / mean (routing skew)
+    imbalance: float = 1.0  # comm: hottest rank's traffic / mean (routing skew); `bytes` is the mean rank's
     branch: str = "main"  # ops on another branch may run concurrently with "main"
     bwd_bytes: float | None = None  # comm: payload of the backward collective (gradients, bf16)
 
@@ -225,7 +225,8 @@ class OpGraph:
             c = p.compression.combine
             if c == "fp8":
                 b.add(mem("moe.combine_quant", t_route * skew * h * (a + 1)))
-            payload = t_route * skew * (h * BYTES[c] + (FP8_SCALE_BYTES_PER_TOKEN if c == "fp8" else 0))
+            # mean rank's payload, like dispatch; the hottest rank's extra is `imbalance` (skew)
+            payload = t_route * (h * BYTES[c] + (FP8_SCALE_BYTES_PER_TOKEN if c == "fp8" else 0))
             b.add(comm("moe.combine_a2a", "all_to_all", "ep", L.ep, payload, c, skew, t_route * skew * h * a))
             if c == "fp8":
                 b.add(mem("moe.combine_dequant", t_route * h * (a + 1)))
