@@ -1,0 +1,146 @@
+"""The search report, written into one folder, every file atomically:
+
+  plans.csv          every candidate and fixed plan: fields, status, reason, predictions
+  report.md          top plans, fixed plans, paper reference vs predicted, why the winner wins
+  report.html        the same, self-contained (figures embedded as base64 PNG)
+  *.png              figures (see report_figures.py)
+  best_plan.yaml     the winner as a `kind: plan` file (moeperf run / simulate --plan)
+  best_timeline.json the winner's simulated iteration as Chrome trace JSON (Perfetto)
+
+Nothing in these files depends on timing or --jobs: the same search gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+from typing import Any
+
+from perfmodel import atomic
+from perfmodel.layout import plan_layout
+from perfmodel.report_doc import Doc, breakdown_of, fill_sections, fixed_details
+from perfmodel.search import BREAKDOWN_KEYS, Row, SearchResult, default_simulate
+from perfmodel.specs import SpecError
+
+PLAN_COLUMNS = ("tp", "sp", "ep", "etp", "pp", "vpp", "dp", "micro_batch", "global_batch", "schedule",
+                "recompute", "inter_op", "intra_op", "chunks", "overlap_grad_sync", "dispatch", "combine",
+                "grad_sync", "distributed_optimizer", "rank_order")
+CSV_COLUMNS = ("index", "variant", "name", "fixed", "status", "reason", "rank", *PLAN_COLUMNS,
+               "tokens_per_s", "mfu", "step_time_s", *BREAKDOWN_KEYS, "memory_GiB", "bound_s")
+
+
+def g(x: float | None, digits: int = 6) -> str:
+    return "" if x is None else f"{x:.{digits}g}"
+
+
+def plan_fields(row: Row, model: Any, world: int) -> dict[str, Any]:
+    p = row.plan
+    dp: Any = ""
+    if row.status != "invalid":
+        try:
+            dp = plan_layout(p, model, world).dp
+        except SpecError:
+            dp = ""
+    return {"tp": p.tp, "sp": p.sp, "ep": p.ep, "etp": p.etp, "pp": p.pp, "vpp": p.vpp, "dp": dp,
+            "micro_batch": p.micro_batch, "global_batch": p.global_batch, "schedule": p.schedule,
+            "recompute": p.recompute, "inter_op": p.overlap.inter_op, "intra_op": p.overlap.intra_op,
+            "chunks": p.overlap.chunks, "overlap_grad_sync": p.overlap.grad_sync,
+            "dispatch": p.compression.dispatch, "combine": p.compression.combine,
+            "grad_sync": p.compression.grad_sync, "distributed_optimizer": p.distributed_optimizer,
+            "rank_order": "-".join(p.rank_order)}
+
+
+def fmt_row(row: Row) -> dict[str, str]:
+    m = row.metrics
+    return {"name": row.plan.name, "variant": row.variant, "status": row.status,
+            "tokens_per_s": f"{m['tokens_per_s'] / 1e6:.3f} M" if m else "-",
+            "mfu": f"{100 * m['mfu']:.1f} %" if m else "-",
+            "step_time_s": f"{m['step_time_s']:.3f}" if m else "-",
+            "memory_GiB": f"{row.memory_GiB:.1f}" if row.memory_GiB is not None else "-"}
+
+
+def plans_csv(result: SearchResult) -> str:
+    parts = {v.name: v for v in result.variants}
+    rank = {r.index: i + 1 for v in result.variants for i, r in enumerate(result.ranked(v.name))}
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(CSV_COLUMNS)
+    for row in result.rows:
+        m = row.metrics
+        bd = breakdown_of(m)
+        fields = plan_fields(row, parts[row.variant].model, parts[row.variant].world)
+        w.writerow([row.index, row.variant, row.plan.name, row.fixed, row.status, row.reason,
+                    rank.get(row.index, ""), *(fields[c] for c in PLAN_COLUMNS),
+                    g(m.get("tokens_per_s")), g(m.get("mfu")), g(m.get("step_time_s")),
+                    *(g(bd.get(k)) if m else "" for k in BREAKDOWN_KEYS), g(row.memory_GiB), g(row.bound_s)])
+    return buf.getvalue()
+
+
+def plan_yaml(row: Row, note: str) -> str:
+    import yaml
+
+    data = row.plan.model_dump(mode="json", exclude_none=True)
+    data = {"kind": "plan", **{k: v for k, v in data.items() if k not in ("kind", "calibrate")}}
+    return f"# {note}\n" + yaml.safe_dump(data, sort_keys=False, default_flow_style=None)
+
+
+def chrome_trace(timeline: list[Any], name: str) -> dict[str, Any]:
+    """The timeline as Chrome trace JSON: one thread per track, times in microseconds."""
+    try:
+        from perfmodel import chrometrace
+
+        writer = getattr(chrometrace, "to_chrome", None) or getattr(chrometrace, "to_trace", None)
+        if writer is not None:
+            return writer(timeline, name=name)  # type: ignore[no-any-return]
+    except (ImportError, TypeError):
+        pass
+    tracks = sorted({e.track for e in timeline})
+    tid = {t: i + 1 for i, t in enumerate(tracks)}
+    events: list[dict[str, Any]] = [{"ph": "M", "name": "process_name", "pid": 1, "tid": 0,
+                                     "args": {"name": f"moeperf simulated: {name}"}}]
+    events += [{"ph": "M", "name": "thread_name", "pid": 1, "tid": tid[t], "args": {"name": t}} for t in tracks]
+    events += [{"ph": "X", "name": e.name, "cat": e.track.split("/")[-1], "pid": 1, "tid": tid[e.track],
+                "ts": round(e.start_s * 1e6, 3), "dur": round(e.dur_s * 1e6, 3), "args": e.args}
+               for e in timeline]
+    return {"traceEvents": events, "displayTimeUnit": "ms"}
+
+
+def summary_json(result: SearchResult, out: Path, top: int) -> dict[str, Any]:
+    def one(r: Row) -> dict[str, Any]:
+        return {"variant": r.variant, "name": r.plan.name, "status": r.status, "reason": r.reason,
+                "plan": r.plan.model_dump(mode="json", exclude_none=True), **r.metrics,
+                "memory_total_GiB": r.memory_GiB}
+
+    return {"study": result.study.name, "out": str(out), "evaluated": result.evaluated,
+            "counts": result.counts(), "merged_duplicates": result.merged,
+            "top": [one(r) for r in result.ranked()[:top]], "fixed": [one(r) for r in result.fixed()]}
+
+
+def write_report(result: SearchResult, out: str | Path, *, top: int = 10, simulate_fn: Any = None) -> Path:
+    """Write every report file into `out`; returns the folder."""
+    from perfmodel import report_figures as figs
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    fn = simulate_fn or default_simulate()
+    atomic.write_text(out / "plans.csv", plans_csv(result))
+    ranked = result.ranked()
+    best = ranked[0] if ranked else None
+    traced = None
+    if best is not None:
+        vb = next(v for v in result.variants if v.name == best.variant)
+        traced = fn(vb.model, vb.cluster, best.plan, vb.profile, trace=True)
+        res = traced.to_json() if hasattr(traced, "to_json") else {}
+        note = (f"best plan of study {result.study.name} (variant {best.variant}): predicted "
+                f"{best.tokens_per_s / 1e6:.3f} M tokens/s, step {best.step_time_s:.3f} s, "
+                f"{res.get('mfu', best.metrics['mfu']) * 100:.1f} % MFU")
+        atomic.write_text(out / "best_plan.yaml", plan_yaml(best, note))
+        atomic.write_json(out / "best_timeline.json", chrome_trace(traced.timeline, best.plan.name))
+    details = fixed_details(result, fn)
+    images = figs.draw_all(result, out, traced=traced, best=best, top=top)
+    doc = Doc(f"moeperf search: {result.study.name}")
+    fill_sections(doc, result, best, details, images, top, result.variants[0])
+    atomic.write_text(out / "report.md", doc.markdown())
+    atomic.write_text(out / "report.html", doc.html(out))
+    return out

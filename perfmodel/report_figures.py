@@ -1,0 +1,241 @@
+"""Figures of the search report (matplotlib, Agg backend, deterministic PNGs).
+
+  throughput_memory.png  tokens/s vs memory per GPU of every simulated plan, Pareto front
+  breakdown.png          step-time breakdown of the top plans, the fixed plans and the baseline
+  layer_gantt.png        one layer's forward and backward on the best plan's streams
+  pipeline.png           the best plan's whole iteration per pipeline stage
+  variants.png           best tokens/s per what-if variant (studies with variants)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
+
+from perfmodel import atomic  # noqa: E402
+from perfmodel.report_doc import LABELS, breakdown_of  # noqa: E402
+from perfmodel.search import BREAKDOWN_KEYS, Row, SearchResult  # noqa: E402
+
+DPI = 110
+COLORS = {"compute_s": "#4C72B0", "exposed_comm_s": "#DD8452", "bubble_s": "#BBBBBB", "grad_sync_s": "#C44E52",
+          "optimizer_s": "#8172B3", "other_s": "#937860"}
+PHASE_COLORS = {"fwd": "#4C72B0", "dgrad": "#DD8452", "wgrad": "#55A868", "recompute": "#8172B3", "other": "#999999"}
+VARIANT_COLORS = plt.get_cmap("tab10").colors  # type: ignore[attr-defined]
+
+
+def _save(fig: Any, path: Path) -> None:
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight", metadata={"Software": None})
+    plt.close(fig)
+    atomic.write_bytes(path, buf.getvalue())
+
+
+def pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Points (memory, throughput) not beaten by another with less-or-equal memory and more throughput."""
+    front: list[tuple[float, float]] = []
+    for x, y in sorted(points, key=lambda p: (p[0], -p[1])):
+        if not front or y > front[-1][1]:
+            front.append((x, y))
+    return front
+
+
+def throughput_memory(result: SearchResult, best: Row | None, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(10, 6))
+    multi = len(result.variants) > 1
+    for i, v in enumerate(result.variants):
+        ok = [r for r in result.rows if r.variant == v.name and r.status == "ok" and r.memory_GiB is not None]
+        ax.scatter([r.memory_GiB for r in ok], [r.tokens_per_s / 1e6 for r in ok], s=12, alpha=0.55,
+                   color=VARIANT_COLORS[i % 10], label=f"{v.name}: simulated plans" if multi else "simulated plans")
+        front = pareto([(r.memory_GiB, r.tokens_per_s / 1e6) for r in ok])  # type: ignore[misc]
+        if front:
+            ax.step([p[0] for p in front], [p[1] for p in front], where="post", color=VARIANT_COLORS[i % 10],
+                    lw=1.6, label=f"{v.name}: Pareto front" if multi else "Pareto front (no plan is faster with less memory)")
+    nofit = [r for r in result.rows if r.status == "no-fit" and r.memory_GiB is not None]
+    if nofit:
+        ax.scatter([r.memory_GiB for r in nofit], [r.tokens_per_s / 1e6 for r in nofit], s=14, marker="x",
+                   color="#999999", label="simulated, does not fit")
+    cap = result.variants[0].profile.memory_GiB
+    ax.axvline(cap, color="#C44E52", ls="--", lw=1.2, label=f"GPU memory capacity {cap:g} GiB")
+    for r in result.fixed(result.variants[0].name):
+        if r.metrics and r.memory_GiB is not None:
+            ax.scatter([r.memory_GiB], [r.tokens_per_s / 1e6], marker="D", s=60, color="#E5A800", edgecolor="k",
+                       zorder=5)
+            ax.annotate(f"fixed: {r.plan.name}", (r.memory_GiB, r.tokens_per_s / 1e6), xytext=(6, -12),
+                        textcoords="offset points", fontsize=9)
+    if best is not None and best.memory_GiB is not None:
+        ax.scatter([best.memory_GiB], [best.tokens_per_s / 1e6], marker="*", s=260, color="#C44E52",
+                   edgecolor="k", zorder=6, label=f"best: {best.plan.name}")
+    ax.set_xlabel("estimated memory per GPU (GiB)")
+    ax.set_ylabel("predicted throughput (million tokens/s)")
+    ax.set_title(f"{result.study.name}: throughput vs memory of every simulated plan")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    _save(fig, path)
+
+
+def breakdown_bars(result: SearchResult, top: int, path: Path) -> None:
+    ranked = result.ranked()[:min(top, 10)]
+    items = [(f"#{i + 1} {r.plan.name}" + (f" [{r.variant}]" if len(result.variants) > 1 else ""), r)
+             for i, r in enumerate(ranked)]
+    for r in result.fixed(result.variants[0].name):
+        if r.metrics and r not in ranked:
+            tag = "baseline" if r.plan.name == result.study.baseline else "fixed"
+            items.append((f"{tag}: {r.plan.name}", r))
+    fig, ax = plt.subplots(figsize=(11, 0.45 * len(items) + 1.8))
+    labels = [lbl for lbl, _ in items][::-1]
+    rows = [r for _, r in items][::-1]
+    left = [0.0] * len(rows)
+    for k in BREAKDOWN_KEYS:
+        vals = [breakdown_of(r.metrics)[k] for r in rows]
+        if not any(vals):
+            continue
+        ax.barh(range(len(rows)), vals, left=left, color=COLORS[k], label=LABELS[k], edgecolor="white", lw=0.5)
+        left = [a + b for a, b in zip(left, vals, strict=True)]
+    for i, r in enumerate(rows):
+        ax.text(left[i], i, f"  {r.step_time_s:.2f} s, {r.tokens_per_s / 1e6:.2f} M tok/s", va="center", fontsize=8)
+    ax.set_yticks(range(len(rows)), labels, fontsize=8)
+    ax.set_xlabel("seconds per training iteration (critical path)")
+    ax.set_title("Where the step time goes: top plans and the fixed plans")
+    ax.set_xlim(0, max(left + [1e-9]) * 1.3)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.5 / (0.45 * len(items) + 1.8) - 0.06),
+              ncol=6, frameon=False)
+    ax.grid(axis="x", alpha=0.3)
+    _save(fig, path)
+
+
+def _phase(name: str) -> str:
+    ph = name.rpartition("/")[2]
+    return ph if ph in PHASE_COLORS else "other"
+
+
+def _stage_of(track: str) -> str:
+    return track.split("/")[0]
+
+
+def layer_events(timeline: list[Any]) -> list[Any]:
+    """The events of one layer (the first layer id of the first stage) for one micro-batch."""
+    evs = [e for e in timeline if "layer" in e.args and not e.track.startswith("link")]
+    if not evs:
+        return []
+    stage = _stage_of(min(evs, key=lambda e: (e.start_s, e.track)).track)
+    evs = [e for e in evs if _stage_of(e.track) == stage]
+    layer = min(e.args["layer"] for e in evs)
+    mbs = [e.args.get("microbatch") for e in evs if e.args["layer"] == layer]
+    mb = min((m for m in mbs if m is not None), default=None)
+    return [e for e in evs if e.args["layer"] == layer and e.args.get("microbatch") == mb]
+
+
+def layer_gantt(timeline: list[Any], title: str, path: Path) -> bool:
+    evs = layer_events(timeline)
+    if not evs:
+        return False
+    fwd = [e for e in evs if _phase(e.name) == "fwd"]
+    bwd = [e for e in evs if _phase(e.name) != "fwd"]
+    groups = [(g, lbl) for g, lbl in ((fwd, "forward"), (bwd, "backward")) if g]
+    fig, axes = plt.subplots(len(groups), 1, figsize=(12, 2.6 * len(groups) + 1.2), squeeze=False)
+    for ax, (group, label) in zip(axes[:, 0], groups, strict=True):
+        t0 = min(e.start_s for e in group)
+        tracks = sorted({e.track for e in group})
+        for e in group:
+            y = tracks.index(e.track)
+            x, w = (e.start_s - t0) * 1e3, e.dur_s * 1e3
+            comm = "comm" in e.track or e.track.startswith("link")
+            ax.broken_barh([(x, w)], (y - 0.38, 0.76), facecolor=PHASE_COLORS[_phase(e.name)],
+                           edgecolor="k", lw=0.4, hatch="//" if comm else None, alpha=0.9)
+        span = max(e.start_s + e.dur_s for e in group) - t0
+        for e in group:  # label ops wide enough to hold their name
+            if e.dur_s > span * 0.06:
+                ax.text((e.start_s - t0 + e.dur_s / 2) * 1e3, tracks.index(e.track), e.name.split("/")[0],
+                        ha="center", va="center", fontsize=7, color="white", clip_on=True)
+        ax.set_yticks(range(len(tracks)), tracks, fontsize=8)
+        ax.set_xlabel(f"time since the layer's {label} began (ms)")
+        ax.set_title(f"{label}", fontsize=10)
+        ax.grid(axis="x", alpha=0.3)
+    handles = [Patch(color=c, label=p) for p, c in PHASE_COLORS.items() if p != "other"]
+    handles.append(Patch(facecolor="white", edgecolor="k", hatch="//", label="communication stream"))
+    fig.legend(handles=handles, loc="upper right", fontsize=8, ncol=5)
+    fig.suptitle(title, fontsize=11, y=1.0)
+    fig.tight_layout()
+    _save(fig, path)
+    return True
+
+
+def pipeline_chart(timeline: list[Any], title: str, path: Path) -> bool:
+    """Compute streams of every stage over the iteration; ops merged per (micro-batch, phase) block."""
+    evs = [e for e in timeline if "compute" in e.track]
+    if not evs:
+        return False
+    blocks: dict[tuple, list[float]] = {}
+    for e in evs:
+        key = (e.track, e.args.get("microbatch", e.start_s), e.args.get("chunk", 0), _phase(e.name) != "fwd")
+        b = blocks.setdefault(key, [e.start_s, e.start_s + e.dur_s, _phase(e.name) != "fwd"])
+        b[0], b[1] = min(b[0], e.start_s), max(b[1], e.start_s + e.dur_s)
+    tracks = sorted({k[0] for k in blocks}, key=lambda t: (len(t), t))
+    fig, ax = plt.subplots(figsize=(12, 0.55 * len(tracks) + 2))
+    for (track, _mb, _c, _b), (s, f, back) in sorted(blocks.items(), key=lambda kv: (kv[0][0], kv[1][0])):
+        y = tracks.index(track)
+        ax.broken_barh([(s, f - s)], (y - 0.4, 0.8), facecolor=PHASE_COLORS["dgrad" if back else "fwd"],
+                       edgecolor="white", lw=0.3)
+    ax.set_yticks(range(len(tracks)), tracks, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("time in the iteration (s)")
+    ax.set_title(title, fontsize=11)
+    ax.legend(handles=[Patch(color=PHASE_COLORS["fwd"], label="forward (a micro-batch)"),
+                       Patch(color=PHASE_COLORS["dgrad"], label="backward (a micro-batch)"),
+                       Patch(facecolor="white", edgecolor="k", label="idle: bubble / waiting on comm")],
+              fontsize=8, loc="upper right")
+    ax.grid(axis="x", alpha=0.3)
+    _save(fig, path)
+    return True
+
+
+def variants_chart(result: SearchResult, path: Path) -> None:
+    names, vals, labels = [], [], []
+    for v in result.variants:
+        rk = result.ranked(v.name)
+        names.append(v.name)
+        vals.append(rk[0].tokens_per_s / 1e6 if rk else 0.0)
+        labels.append(rk[0].plan.name.split("_")[0] if rk else "no plan fits")
+    fig, ax = plt.subplots(figsize=(max(8, 1.3 * len(names)), 5))
+    ax.bar(range(len(names)), vals, color=[VARIANT_COLORS[i % 10] for i in range(len(names))])
+    for i, (v, lbl) in enumerate(zip(vals, labels, strict=True)):
+        ax.text(i, v, f"{v:.2f} M\n{lbl}", ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(range(len(names)), names, rotation=20, ha="right", fontsize=9)
+    ax.set_ylabel("best predicted throughput (million tokens/s)")
+    ax.set_title(f"{result.study.name}: best plan per what-if variant")
+    ax.set_ylim(0, max(vals + [1e-9]) * 1.2)
+    ax.grid(axis="y", alpha=0.3)
+    _save(fig, path)
+
+
+def draw_all(result: SearchResult, out: Path, *, traced: Any, best: Row | None, top: int) -> list[tuple[str, str]]:
+    """Draw every figure that has data; returns (file, caption) in report order."""
+    made: list[tuple[str, str]] = []
+    if result.ranked():
+        throughput_memory(result, best, out / "throughput_memory.png")
+        made.append(("throughput_memory.png", "Predicted tokens/s vs memory per GPU; the Pareto front, the "
+                     "fixed plans and the best plan are marked."))
+    if any(r.metrics for r in result.rows):
+        breakdown_bars(result, top, out / "breakdown.png")
+        made.append(("breakdown.png", "Step-time breakdown of the top plans and the fixed plans (seconds)."))
+    if len(result.variants) > 1:
+        variants_chart(result, out / "variants.png")
+        made.append(("variants.png", "Best predicted tokens/s per what-if variant (label: its parallel layout)."))
+    if traced is not None and best is not None:
+        if layer_gantt(traced.timeline, f"One layer of the best plan ({best.plan.name}) on its streams",
+                       out / "layer_gantt.png"):
+            made.append(("layer_gantt.png", "One layer's forward and backward on the best plan's compute and "
+                         "communication streams (first stage, first micro-batch)."))
+        if pipeline_chart(traced.timeline, f"Pipeline timeline of the best plan ({best.plan.name})",
+                          out / "pipeline.png"):
+            made.append(("pipeline.png", "The best plan's whole iteration: forward and backward blocks per "
+                         "pipeline stage; gaps are bubbles or waits."))
+    return made

@@ -1,0 +1,381 @@
+"""The plan space of a study, pruning, parallel evaluation and ranking.
+
+Every combination of the study's `search:` lists is a candidate, for each variant (what-if
+cluster/model overrides; the study itself when it has none). Each candidate ends with one
+status, and none is dropped silently:
+
+  ok             simulated, fits in memory, ranked by tokens/s
+  no-fit         simulated, but the simulator says it does not fit in memory
+  invalid        the plan cannot be laid out (reason: the failing constraint)
+  pruned: memory the memory model says it misses capacity (reason: by how much)
+  pruned: bound  its compute-only lower bound on step time is already >= the K-th best
+                 simulated step time of its variant, so it cannot reach the top K
+  error          the simulator refused it (reason: its message)
+
+Combinations that differ only in a field with no effect (chunks without intra-op overlap,
+dispatch/combine precision without expert parallelism) are merged into one candidate.
+
+Determinism: candidates are evaluated in a fixed order (fixed plans, then by lower bound)
+in fixed-size batches; pruning decisions are taken between batches from results in that
+order, so the outcome never depends on --jobs or on timing.
+"""
+
+from __future__ import annotations
+
+import itertools
+import multiprocessing
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import ValidationError
+
+from perfmodel.layout import plan_layout
+from perfmodel.opgraph import OpGraph
+from perfmodel.specs import ClusterSpec, ModelSpec, PlanSpec, ProfileSpec, SearchSpace, SpecError, StudySpec
+
+BATCH = 48  # candidates per evaluation batch (fixed: results must not depend on --jobs)
+DEFAULT_GLOBAL_BATCH = PlanSpec().global_batch
+SPACE_FIELDS = tuple(SearchSpace.model_fields)
+BREAKDOWN_KEYS = ("compute_s", "exposed_comm_s", "bubble_s", "grad_sync_s", "optimizer_s", "other_s")
+
+
+@dataclass(frozen=True)
+class VariantParts:
+    name: str
+    model: ModelSpec
+    cluster: ClusterSpec
+    profile: ProfileSpec
+    world: int
+
+
+@dataclass
+class Row:
+    """One candidate (or fixed) plan of one variant and what became of it."""
+
+    index: int
+    variant: str
+    plan: PlanSpec
+    fixed: bool = False
+    status: str = "pending"
+    reason: str = ""
+    bound_s: float | None = None
+    memory_GiB: float | None = None  # estimated total per GPU (memory model or simulator)
+    metrics: dict[str, Any] = field(default_factory=dict)  # step_time_s, tokens_per_s, mfu, breakdown, ...
+
+    @property
+    def tokens_per_s(self) -> float:
+        return float(self.metrics.get("tokens_per_s", 0.0))
+
+    @property
+    def step_time_s(self) -> float:
+        return float(self.metrics.get("step_time_s", float("inf")))
+
+
+@dataclass
+class SearchResult:
+    study: StudySpec
+    variants: list[VariantParts]
+    rows: list[Row]
+    wall_s: float = 0.0
+    merged: int = 0  # combinations merged into an equivalent candidate
+
+    @property
+    def evaluated(self) -> int:
+        return sum(r.status in ("ok", "no-fit") for r in self.rows)
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for r in self.rows:
+            out[r.status] = out.get(r.status, 0) + 1
+        return dict(sorted(out.items()))
+
+    def ranked(self, variant: str | None = None) -> list[Row]:
+        """Simulated plans that fit, best tokens/s first (ties: enumeration order)."""
+        rows = [r for r in self.rows if r.status == "ok" and (variant is None or r.variant == variant)]
+        return sorted(rows, key=lambda r: (-r.tokens_per_s, r.index))
+
+    def fixed(self, variant: str | None = None) -> list[Row]:
+        return [r for r in self.rows if r.fixed and (variant is None or r.variant == variant)]
+
+    def baseline(self, variant: str | None = None) -> Row | None:
+        if not self.study.baseline:
+            return None
+        v = variant or self.variants[0].name
+        return next((r for r in self.fixed(v) if r.plan.name == self.study.baseline), None)
+
+
+# ------------------------------------------------------------------------ the space
+def plan_name(p: PlanSpec) -> str:
+    """A short, unique, readable name for a searched plan."""
+    ov = p.overlap
+    parts = [f"tp{p.tp}sp{p.sp}ep{p.ep}etp{p.etp}pp{p.pp}" + (f"v{p.vpp}" if p.vpp > 1 else ""),
+             f"mb{p.micro_batch}", {"none": "rc0", "selective": "rcsel", "full": "rcfull"}[p.recompute],
+             ("io" if ov.inter_op else "") + (f"{ov.intra_op}{ov.chunks}" if ov.intra_op != "none" else "")
+             or "noov", f"{p.compression.dispatch}-{p.compression.combine}-g{p.compression.grad_sync}",
+             "do" if p.distributed_optimizer else "nodo", "".join(d[0] for d in p.rank_order)]
+    return "_".join(parts)
+
+
+def _canonical(values: dict[str, Any]) -> dict[str, Any]:
+    v = dict(values)
+    if v["intra_op"] == "none":
+        v["chunks"] = OVERLAP_DEFAULT_CHUNKS
+    if v["ep"] == 1:
+        v["dispatch"] = v["combine"] = "bf16"
+    return v
+
+
+OVERLAP_DEFAULT_CHUNKS = 4
+
+
+def space_size(space: SearchSpace) -> int:
+    n = 1
+    for f in SPACE_FIELDS:
+        n *= len(getattr(space, f))
+    return n
+
+
+def make_plan(v: dict[str, Any], global_batch: int) -> PlanSpec:
+    plan = PlanSpec(
+        tp=v["tp"], sp=v["sp"], ep=v["ep"], etp=v["etp"], pp=v["pp"], vpp=v["vpp"],
+        micro_batch=v["micro_batch"], global_batch=global_batch,
+        schedule="interleaved" if v["vpp"] > 1 else "1f1b", recompute=v["recompute"],
+        overlap={"inter_op": v["inter_op"], "intra_op": v["intra_op"], "chunks": v["chunks"]},
+        compression={"dispatch": v["dispatch"], "combine": v["combine"], "grad_sync": v["grad_sync"]},
+        distributed_optimizer=v["distributed_optimizer"], rank_order=tuple(v["rank_order"]))
+    return plan.model_copy(update={"name": plan_name(plan)})
+
+
+def enumerate_space(space: SearchSpace, global_batch: int) -> tuple[list[PlanSpec | str], int]:
+    """Every distinct combination, in a fixed order: a PlanSpec, or a reason string when the
+    combination is not a plan at all. Returns (candidates, merged duplicates)."""
+    seen: set[tuple] = set()
+    out: list[PlanSpec | str] = []
+    merged = 0
+    lists = [getattr(space, f) for f in SPACE_FIELDS]
+    for combo in itertools.product(*lists):
+        v = _canonical(dict(zip(SPACE_FIELDS, combo, strict=True)))
+        key = tuple(tuple(x) if isinstance(x, list) else x for x in v.values())
+        if key in seen:
+            merged += 1
+            continue
+        seen.add(key)
+        if v["vpp"] > 1 and v["pp"] == 1:
+            out.append(f"plan.vpp: {v['vpp']} needs pp>1 (interleaving splits pipeline stages)")
+            continue
+        try:
+            out.append(make_plan(v, global_batch))
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            out.append(f"plan.{'.'.join(map(str, err['loc']))}: {err['msg'].removeprefix('Value error, ')}")
+    return out, merged
+
+
+# ---------------------------------------------------------------------- lower bound
+def _op_seconds(op: Any, prof: ProfileSpec) -> float:
+    """A floor on one compute op's time: its FLOPs at the bf16 (or higher) peak times the
+    profile's efficiency at that size, as the simulator times it but without launch cost,
+    HBM floor or comm interference. Ops off the main branch may overlap: they count 0."""
+    if op.kind not in ("gemm", "attention") or op.flops <= 0 or op.branch != "main":
+        return 0.0
+    peak = max(prof.peak_tflops.get("bf16", 0.0), prof.peak_tflops.get(op.dtype, 0.0)) * 1e12
+    if op.kind == "attention":
+        curve = prof.attention_efficiency
+    else:
+        grouped = op.shape is not None and op.shape[0] > 1 and prof.grouped_gemm_efficiency is not None
+        curve = prof.grouped_gemm_efficiency if grouped else prof.gemm_efficiency
+    return op.flops / (peak * max(curve.at(op.flops), 1e-9))
+
+
+def lower_bound_s(model: ModelSpec, plan: PlanSpec, world: int, prof: ProfileSpec) -> float:
+    """Compute-only floor on the step time: microbatches x the busiest stage's GEMM/attention
+    time per micro-batch (incl. recomputation) at the profile's best efficiency, nothing else."""
+    g = OpGraph(model, plan, world)
+    per_kind = {k: sum(_op_seconds(op, prof) for op in lg.ops) for k, lg in g.layers.items()}
+    head = sum(_op_seconds(op, prof) for op in g.head_ops)
+    worst = 0.0
+    for stage in range(g.layout.pp):
+        t = sum(per_kind[k] for k in g.stage_layer_kinds(stage))
+        worst = max(worst, t + (head if stage == g.layout.pp - 1 else 0.0))
+    return g.layout.microbatches * worst
+
+
+def _bound_key(p: PlanSpec) -> tuple:
+    return (p.tp, p.sp, p.ep, p.etp, p.pp, p.vpp, p.micro_batch, p.recompute, p.global_batch)
+
+
+# ------------------------------------------------------------------------ evaluation
+SimulateFn = Callable[..., Any]
+MemoryFn = Callable[..., Any] | None
+_WORKER: dict[str, Any] = {}
+
+
+def default_simulate() -> SimulateFn:
+    from perfmodel.sim import simulate
+
+    return simulate
+
+
+def default_memory() -> MemoryFn:
+    try:
+        from perfmodel.memory import estimate_memory
+    except ImportError:
+        return None
+    return estimate_memory
+
+
+def summarize(res: Any) -> dict[str, Any]:
+    """The picklable, JSON-ready part of a SimResult that search and report use."""
+    return {"step_time_s": float(res.step_time_s), "tokens_per_s": float(res.tokens_per_s),
+            "mfu": float(res.mfu), "breakdown": {k: float(v) for k, v in sorted(res.breakdown.items())},
+            "memory_GiB": {k: float(v) for k, v in sorted(res.memory_GiB.items())}, "fits": bool(res.fits)}
+
+
+def _init_worker(parts: dict[str, VariantParts], simulate_fn: SimulateFn) -> None:
+    _WORKER["parts"], _WORKER["fn"] = parts, simulate_fn
+
+
+def _evaluate(task: tuple[int, str, PlanSpec]) -> tuple[int, str, Any]:
+    idx, variant, plan = task
+    v: VariantParts = _WORKER["parts"][variant]
+    try:
+        return idx, "ok", summarize(_WORKER["fn"](v.model, v.cluster, plan, v.profile))
+    except SpecError as exc:
+        return idx, "error", " ".join(str(exc).split())
+
+
+class _Pool:
+    """jobs=1 runs in this process; otherwise a fork pool with chunked, order-preserving map."""
+
+    def __init__(self, jobs: int, parts: dict[str, VariantParts], fn: SimulateFn):
+        self.jobs = jobs
+        _init_worker(parts, fn)
+        self.pool = None
+        if jobs > 1:
+            methods = multiprocessing.get_all_start_methods()
+            ctx = multiprocessing.get_context("fork" if "fork" in methods else None)
+            self.pool = ctx.Pool(jobs, initializer=_init_worker, initargs=(parts, fn))
+
+    def map(self, tasks: list[tuple[int, str, PlanSpec]]) -> list[tuple[int, str, Any]]:
+        if self.pool is None:
+            return [_evaluate(t) for t in tasks]
+        chunk = max(1, -(-len(tasks) // (self.jobs * 3)))
+        return self.pool.map(_evaluate, tasks, chunksize=chunk)
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+            self.pool.join()
+
+
+def _apply(row: Row, status: str, payload: Any) -> None:
+    if status == "error":
+        row.status, row.reason = "error", payload
+        return
+    row.metrics = payload
+    mem = payload["memory_GiB"].get("total")
+    row.memory_GiB = mem if mem is not None else row.memory_GiB
+    row.status = "ok" if payload["fits"] else "no-fit"
+    if not payload["fits"]:
+        row.reason = "simulator: does not fit in GPU memory"
+
+
+def _kth_best(rows: list[Row], k: int) -> float:
+    times = sorted(r.step_time_s for r in rows if r.status == "ok")
+    return times[k - 1] if len(times) >= k else float("inf")
+
+
+def _prepare(study: StudySpec, v: VariantParts, start: int, memory_fn: MemoryFn,
+             prune_memory: bool) -> tuple[list[Row], int]:
+    """All rows of one variant (fixed plans first), with invalid/memory-pruned ones decided."""
+    gb = study.global_batch or (study.plans[0].global_batch if study.plans else DEFAULT_GLOBAL_BATCH)
+    rows: list[Row] = []
+    for p in study.plans:
+        plan = p.model_copy(update={"global_batch": gb}) if study.global_batch else p
+        rows.append(Row(start + len(rows), v.name, PlanSpec(**plan.model_dump(exclude={"calibrate"})), fixed=True))
+    cands, merged = enumerate_space(study.search, gb) if study.search else ([], 0)
+    for c in cands:
+        if isinstance(c, str):
+            rows.append(Row(start + len(rows), v.name, PlanSpec(name="(not a plan)"), status="invalid", reason=c))
+        else:
+            rows.append(Row(start + len(rows), v.name, c))
+    bounds: dict[tuple, float] = {}
+    for row in rows:
+        if row.status != "pending":
+            continue
+        try:
+            plan_layout(row.plan, v.model, v.world)
+        except SpecError as exc:
+            row.status, row.reason = "invalid", " ".join(str(exc).split())
+            continue
+        key = _bound_key(row.plan)
+        if key not in bounds:
+            bounds[key] = lower_bound_s(v.model, row.plan, v.world, v.profile)
+        row.bound_s = bounds[key]
+        if memory_fn is not None:
+            est = memory_fn(v.model, row.plan, v.world, v.profile)
+            row.memory_GiB = float(est.total_GiB)
+            if not est.fits and not row.fixed and prune_memory:
+                row.status, row.reason = "pruned: memory", f"short {est.short_GiB:.2f} GiB " \
+                    f"(needs {est.total_GiB:.1f} of {est.capacity_GiB:.1f} GiB)"
+    return rows, merged
+
+
+def run_search(study: StudySpec, variants: list[VariantParts], *, jobs: int | None = None,
+               simulate_fn: SimulateFn | None = None, memory_fn: MemoryFn | str = "default",
+               keep_top: int = 10, prune: bool = True, batch: int = BATCH,
+               progress: Callable[[int, int], None] | None = None) -> SearchResult:
+    """Evaluate the study's fixed plans and search space for every variant.
+
+    keep_top: plans that could still rank in the top `keep_top` of their variant are never
+    pruned by the bound. prune=False evaluates everything valid (reference for tests).
+    batch: candidates per evaluation round; pruning is decided between rounds.
+    """
+    t0 = time.perf_counter()
+    fn = simulate_fn or default_simulate()
+    mem = default_memory() if memory_fn == "default" else memory_fn
+    jobs = max(1, jobs or os.cpu_count() or 1)
+    rows: list[Row] = []
+    merged = 0
+    per_variant: list[list[Row]] = []
+    for v in variants:
+        vr, m = _prepare(study, v, len(rows), mem, prune)
+        rows += vr
+        merged += m
+        per_variant.append(vr)
+    todo = sum(r.status == "pending" for r in rows)
+    done = 0
+    pool = _Pool(jobs, {v.name: v for v in variants}, fn)
+    try:
+        for vr in per_variant:
+            fixed = [r for r in vr if r.fixed and r.status == "pending"]
+            order = fixed + sorted((r for r in vr if not r.fixed and r.status == "pending"),
+                                   key=lambda r: (r.bound_s, r.index))
+            by_index = {r.index: r for r in order}
+            for chunk in _batches(order, batch):
+                kth = _kth_best(vr, keep_top) if prune else float("inf")
+                live = []
+                for r in chunk:
+                    if not r.fixed and r.bound_s is not None and r.bound_s >= kth:
+                        r.status = "pruned: bound"
+                        r.reason = f"compute floor {r.bound_s:.3f} s >= #{keep_top} best step {kth:.3f} s"
+                        done += 1
+                    else:
+                        live.append(r)
+                for idx, status, payload in pool.map([(r.index, r.variant, r.plan) for r in live]):
+                    _apply(by_index[idx], status, payload)
+                done += len(live)
+                if progress:
+                    progress(done, todo)
+    finally:
+        pool.close()
+    return SearchResult(study=study, variants=variants, rows=rows, wall_s=time.perf_counter() - t0, merged=merged)
+
+
+def _batches(order: list[Row], size: int) -> Iterator[list[Row]]:
+    for i in range(0, len(order), size):
+        yield order[i:i + size]
+
