@@ -2,9 +2,11 @@
 
 Overlap is modelled by how ops are placed on streams:
   none      one stream runs every op in program order (comm blocks compute)
-  inter_op  the micro-batch is split in two halves whose ops interleave; comm ops run on
-            one stream per group kind; the compute stream runs the first ready op in program
-            order, wgrad GEMMs last (they fill the gaps while dgrad waits for comm)
+  inter_op  comm ops run on one stream per group kind; the compute stream runs the first
+            ready op in program order, wgrad GEMMs last (they fill the gaps while dgrad
+            waits for comm), independent branches (the shared expert) run under the comm;
+            the micro-batch may also be split in two halves whose ops interleave (the comm
+            of one under the compute of the other): the faster of the two is kept
   intra_op  each GEMM + adjacent collective chain (e.g. dispatch a2a -> fc1, fc2 -> combine
             a2a) is cut into `chunks` pieces pipelined across compute and comm streams; the
             first piece's comm is the fill cost. chunk: every piece is its own kernel (own
@@ -23,12 +25,12 @@ import simpy
 
 from perfmodel.collectives import CollectiveCost
 from perfmodel.hardware import Hardware
-from perfmodel.opgraph import Op
+from perfmodel.opgraph import QUANT_OPS, Op
 from perfmodel.sim.fluid import FluidNet
 from perfmodel.specs import OverlapSpec
 
 CHAIN_GROUPS = ("ep", "etp", "tp")  # collectives fused/pipelined with their GEMM by intra-op overlap
-CHAIN_MEMORY = ("comm.quantize", "comm.dequantize")
+CHAIN_MEMORY = QUANT_OPS  # (de)quantize kernels around a compressed collective are pipelined with it
 
 
 @dataclass(eq=False)
@@ -94,12 +96,11 @@ def _chains(ops: list[Op]) -> list[list[Op]]:
     return out
 
 
-def expand(ops: list[Op], overlap: OverlapSpec, hw: Hardware) -> list[SimOp]:
-    """SimOps in program order, with halves (inter-op) and chunks/tiles (intra-op)."""
+def expand(ops: list[Op], overlap: OverlapSpec, hw: Hardware, halves: int = 1) -> list[SimOp]:
+    """SimOps in program order, with micro-batch halves (inter-op) and chunks/tiles (intra-op)."""
     n = overlap.chunks if overlap.intra_op != "none" else 1
     chains = _chains(ops) if n > 1 else []
     in_chain = {o.event: (i, j) for i, c in enumerate(chains) for j, o in enumerate(c)}
-    halves = 2 if overlap.inter_op else 1
     tile = overlap.intra_op == "tile"
     out: list[SimOp] = []
     for h in range(halves):
@@ -141,7 +142,18 @@ def expand(ops: list[Op], overlap: OverlapSpec, hw: Hardware) -> list[SimOp]:
 
 def run_layer(ops: list[Op], overlap: OverlapSpec, hw: Hardware,
               comm_cost: Callable[[Op], CollectiveCost]) -> LayerRun:
-    sops = expand(ops, overlap, hw)
+    """Simulate the ops; with inter-op overlap, the faster of the whole and the split micro-batch."""
+    run = _run(ops, overlap, hw, comm_cost, 1)
+    if overlap.inter_op:
+        split = _run(ops, overlap, hw, comm_cost, 2)
+        if split.duration_s < run.duration_s:
+            return split
+    return run
+
+
+def _run(ops: list[Op], overlap: OverlapSpec, hw: Hardware, comm_cost: Callable[[Op], CollectiveCost],
+         halves: int) -> LayerRun:
+    sops = expand(ops, overlap, hw, halves)
     serial = not overlap.inter_op and overlap.intra_op == "none"
     env = simpy.Environment()
     net = FluidNet(env, {"compute": 1.0, "nvlink": 1.0, "nic": 1.0, "spine": 1.0, "none": 1.0},
@@ -163,7 +175,7 @@ def run_layer(ops: list[Op], overlap: OverlapSpec, hw: Hardware,
             job = net.submit(hw.compute_s(s.op, s.frac, s.eff_work, s.launch_s), ("compute",), "compute")
         yield job.done
         s.end_s = env.now
-        if s.stream == "compute":
+        if s.op.kind != "comm":
             busy[0] += s.end_s - s.start_s
         s.done.succeed()
 
