@@ -45,7 +45,8 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(f"{p}.ffn_norm", spec.hidden)
         self.is_moe = spec.is_moe_layer(i)
         if self.is_moe:
-            self.ffn: nn.Module = MoE(spec, par, f"{p}.moe", seed, plan.global_batch, get_expert_fn(plan.kernels))
+            wire = (plan.compression.dispatch, plan.compression.combine)
+            self.ffn: nn.Module = MoE(spec, par, f"{p}.moe", seed, plan.global_batch, get_expert_fn(plan.kernels), wire)
         else:
             self.ffn = SwiGLU(f"{p}.ffn", spec.hidden, spec.dense_ffn_hidden or 0, spec.layers, seed)
         self.full_recompute = plan.recompute == "full"

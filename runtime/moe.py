@@ -9,7 +9,9 @@ Experts are contiguous blocks: ep rank p owns experts [p*E/ep, (p+1)*E/ep).
 Expert compute is a seam: `expert_fn(x, tokens_per_expert, w1, w3, w2) -> y` where x holds the
 tokens grouped by local expert ([sum(tokens_per_expert), H]), w1/w3 are [E_local, H, F] and w2
 [E_local, F, H]. `get_expert_fn(plan.kernels)` picks it: "torch" (below) or "triton"
-(`runtime.kernels.grouped_swiglu`, provided by the kernels package with the same signature).
+(`runtime.kernels.expert_ffn`: grouped GEMM + SwiGLU kernels, fed the gate/up weights fused).
+plan.compression.dispatch/combine == "fp8" sends the token all-to-alls as e4m3 with per-token
+scales (runtime.comm.all_to_all_autograd; gradients travel back in bf16).
 
 Load-balancing loss: Switch/GShard's E * sum_e f_e * P_e, computed per *sequence* (its token
 counts and probabilities are summed over the tp*sp ranks holding its shards), averaged over the
@@ -28,7 +30,7 @@ from torch import nn
 from torch.profiler import record_function
 
 from perfmodel.specs import ModelSpec, SpecError
-from runtime import parallel_ops as comm
+from runtime import parallel_ops as pops
 from runtime.groups import Parallel
 from runtime.params import Placement, make_param
 
@@ -52,10 +54,24 @@ def get_expert_fn(kernels: str) -> ExpertFn:
     if kernels == "torch":
         return torch_expert_fn
     try:
-        fn = importlib.import_module("runtime.kernels").grouped_swiglu
+        expert_ffn = importlib.import_module("runtime.kernels").expert_ffn
     except (ImportError, AttributeError) as exc:
         raise SpecError(f"plan.kernels: triton expert kernels are not available ({exc}); use kernels: torch") from None
-    return fn
+
+    def triton_expert_fn(x, tokens_per_expert, w1, w3, w2):
+        with record_function("moe.fc1/fwd"):  # the kernels fuse fc1, act and fc2 per call
+            return expert_ffn(x, tokens_per_expert, torch.cat([w1, w3], dim=-1), w2, backend="triton")
+
+    return triton_expert_fn
+
+
+def _a2a(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group, wire: str) -> torch.Tensor:
+    """Token all-to-all, in `wire` precision ("bf16" = the activations' own dtype, or "fp8")."""
+    if wire == "fp8" and group is not None:
+        from runtime import comm  # compressed collectives (FP8 payload + scales)
+
+        return comm.all_to_all_autograd(x, in_splits, out_splits, group, wire="fp8", grad_wire="bf16")
+    return pops.all_to_all(x, out_splits, in_splits, group)
 
 
 class SwiGLU(nn.Module):
@@ -93,8 +109,9 @@ def in_backward() -> bool:
 
 class MoE(nn.Module):
     def __init__(self, spec: ModelSpec, par: Parallel, prefix: str, seed: int, global_batch: int,
-                 expert_fn: ExpertFn = torch_expert_fn):
+                 expert_fn: ExpertFn = torch_expert_fn, wire: tuple[str, str] = ("bf16", "bf16")):
         super().__init__()
+        self.wire = wire  # (dispatch, combine) precision
         moe = spec.moe
         assert moe is not None
         self.par, self.expert_fn = par, expert_fn
@@ -120,10 +137,10 @@ class MoE(nn.Module):
         with torch.no_grad():
             counts = F.one_hot(idx, self.E).sum(1).view(b, -1, self.E).sum(1).float()  # [B, E]
             for kind in ("tp", "sp"):
-                counts = comm.all_reduce(counts, par.pg(kind))
+                counts = pops.all_reduce(counts, par.pg(kind))
         psum = probs.view(b, -1, self.E).sum(1)  # [B, E], differentiable
         for kind in ("tp", "sp"):
-            psum = comm.all_reduce(psum, par.pg(kind))
+            psum = pops.all_reduce(psum, par.pg(kind))
         s = self.seq_len
         aux_b = self.E * (counts / (s * self.k) * psum / s).sum(-1)  # [B]
         shards = par.size("tp") * par.size("sp")  # every shard of a sequence computes the same aux_b
@@ -147,16 +164,16 @@ class MoE(nn.Module):
             counts = torch.bincount(flat, minlength=self.E)
         ep_pg = self.par.pg("ep")
         with record_function("moe.dispatch_a2a/fwd"):
-            recv = comm.exchange_counts(counts.view(self.ep, self.El), ep_pg)  # [src, local expert]
+            recv = pops.exchange_counts(counts.view(self.ep, self.El), ep_pg)  # [src, local expert]
             send_splits, recv_splits = counts.view(self.ep, self.El).sum(1).tolist(), recv.sum(1).tolist()
-            xr = comm.all_to_all(xs, recv_splits, send_splits, ep_pg)
+            xr = _a2a(xs, recv_splits, send_splits, ep_pg, self.wire[0])
         # received rows are ordered (source rank, expert); experts want them (expert, source)
         expert_of_row = torch.arange(self.El, device=x.device).repeat(self.ep).repeat_interleave(recv.flatten())
         regroup = torch.argsort(expert_of_row, stable=True)
         y = self.expert_fn(xr[regroup], recv.sum(0), self.w1, self.w3, self.w2)
         y = y[torch.argsort(regroup)]
         with record_function("moe.combine_a2a/fwd"):
-            ys = comm.all_to_all(y, send_splits, recv_splits, ep_pg)
+            ys = _a2a(y, send_splits, recv_splits, ep_pg, self.wire[1])
         with record_function("moe.unpermute/fwd"):
             ya = ys[torch.argsort(order)].view(n, self.k, h)
             out = (ya * w.unsqueeze(-1).to(ya.dtype)).sum(1)

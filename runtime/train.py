@@ -230,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
         msg = f"rank {rank} failed: {type(exc).__name__}: {exc}"
         print(f"moeperf run: {msg}", file=sys.stderr, flush=True)
         if cfg.out:
-            atomic.write_text(cfg.out / "failures" / f"rank{rank}.txt", msg + "\n")
+            # the time lets the launcher tell the first failure from the ranks it brought down
+            atomic.write_text(cfg.out / "failures" / f"rank{rank}.txt", f"{time.time():.6f} {msg}\n")
         raise
     dist.destroy_process_group()
     return 0

@@ -1,0 +1,150 @@
+"""`moeperf run`: check a plan against the world size, launch torchrun, summarise the run.
+
+    moeperf run --model tiny-moe --plan plan.yaml --nproc 4 --steps 200 --out runs/x [--data FILES...]
+
+The plan is validated with perfmodel.layout.plan_layout *before* anything starts (bad input:
+SpecError -> one line, exit 2). Ranks run `python -m runtime.train` under
+`python -m torch.distributed.run` (gloo on CPU, NCCL on GPU); rank 0 prints a progress line per
+step. If a rank raises, torchrun stops the others (their collectives also fail fast: gloo sees
+the closed connection, and every process group has a timeout), and we exit 1 naming the rank.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from perfmodel import atomic
+from perfmodel.argparse_util import parser
+from perfmodel.layout import plan_layout
+from perfmodel.specs import SpecError, load_spec
+from runtime.model import scale
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _args(argv: list[str]):
+    ap = parser("run", "run a plan as real distributed training (torchrun)")
+    ap.add_argument("--model", required=True, help="model preset name or YAML path")
+    ap.add_argument("--plan", required=True, help="plan YAML path")
+    ap.add_argument("--nproc", type=int, default=None, help="ranks per node (default: the plan's tp*sp*pp*dp)")
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--out", type=Path, default=None, help="run folder (default runs/<model>-<plan>)")
+    ap.add_argument("--data", nargs="+", default=[], help="text files or folders (byte-level tokens); default synthetic")
+    ap.add_argument("--scale", type=float, default=1.0, help="shrink widths, keeping experts, top-k and GQA ratio")
+    ap.add_argument("--layers", type=int, default=None, help="override the model's layer count")
+    ap.add_argument("--seq-len", type=int, default=None, help="override the model's sequence length")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--ckpt-every", type=int, default=0, help="checkpoint every N steps (0: never)")
+    ap.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    ap.add_argument("--nnodes", default="1", help="passed to torchrun (N or MIN:MAX)")
+    ap.add_argument("--rdzv-endpoint", default=None, help="passed to torchrun (host:port); default standalone")
+    ap.add_argument("--max-restarts", type=int, default=0, help="torchrun restarts; a restart resumes")
+    ap.add_argument("--pg-timeout-s", type=float, default=120.0, help="collective timeout per process group")
+    ap.add_argument("--inject-failure", default=None, help=argparse_suppress())
+    return ap.parse_args(argv)
+
+
+def argparse_suppress() -> str:
+    import argparse
+
+    return argparse.SUPPRESS  # RANK:STEP, raise there: for testing failure handling
+
+
+def _positive(name: str, value: int | float | None) -> None:
+    if value is not None and value <= 0:
+        raise SpecError(f"{name}: {value} must be positive")
+
+
+def prepare(a) -> tuple[list[str], Path, int]:
+    """Validate everything and build the torchrun command; nothing is launched."""
+    for name in ("nproc", "steps", "layers", "seq_len", "lr", "pg_timeout_s"):
+        _positive(f"--{name.replace('_', '-')}", getattr(a, name))
+    model = load_spec(a.model, "model")
+    if a.scale != 1.0 or a.layers or a.seq_len:
+        model = scale(model, a.scale, a.layers, a.seq_len)
+    plan = load_spec(a.plan, "plan")
+    nproc = a.nproc or plan.tp * plan.sp * plan.pp * (plan.dp or 1)
+    try:
+        nnodes = int(str(a.nnodes).split(":")[-1])
+    except ValueError:
+        raise SpecError(f"--nnodes: {a.nnodes!r} is not N or MIN:MAX") from None
+    plan_layout(plan, model, nproc * nnodes)  # SpecError naming the failing constraint
+    for p in a.data:
+        if not Path(p).exists():
+            raise SpecError(f"--data: {p}: no such file or folder")
+    out = a.out or Path("runs") / f"{model.name}-{plan.name}"
+    if a.resume and not (out / "ckpt").is_dir():
+        raise SpecError(f"--resume: {out}/ckpt has no checkpoint to resume from")
+    atomic.write_text(out / "model.yaml", model.model_dump_json(indent=1) + "\n")  # JSON is YAML
+    atomic.write_text(out / "plan.yaml", plan.model_dump_json(indent=1) + "\n")
+    shutil.rmtree(out / "failures", ignore_errors=True)
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+           f"--max-restarts={a.max_restarts}"]
+    if a.rdzv_endpoint:
+        cmd += [f"--nnodes={a.nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={a.rdzv_endpoint}"]
+    else:
+        cmd += ["--standalone"]
+    cmd += ["-m", "runtime.train", "--model", str(out / "model.yaml"), "--plan", str(out / "plan.yaml"),
+            "--steps", str(a.steps), "--out", str(out), "--seed", str(a.seed), "--lr", str(a.lr),
+            "--warmup", str(a.warmup), "--ckpt-every", str(a.ckpt_every), "--pg-timeout-s", str(a.pg_timeout_s)]
+    if a.data:
+        cmd += ["--data", *[str(Path(p).resolve()) for p in a.data]]
+    if a.resume:
+        cmd += ["--resume"]
+    if a.inject_failure:
+        cmd += ["--inject-failure", a.inject_failure]
+    return cmd, out, nproc * nnodes
+
+
+def summarise(out: Path) -> dict:
+    path = out / "metrics.jsonl"
+    recs = [json.loads(ln) for ln in path.read_text().splitlines() if ln] if path.exists() else []
+    if not recs:
+        return {}
+    timed = recs[1:] or recs  # the first step includes start-up (allocations, connections)
+    tokens = sum(r["tokens_per_s"] * r["step_time_s"] for r in timed)
+    return {"steps": recs[-1]["step"], "first_loss": recs[0]["loss"], "final_loss": recs[-1]["loss"],
+            "tokens_per_s": tokens / sum(r["step_time_s"] for r in timed),
+            "step_time_s": sum(r["step_time_s"] for r in timed) / len(timed)}
+
+
+def failure_reason(out: Path, rc: int) -> str:
+    """The first rank that failed (earliest report), and which others went down after it."""
+    reports = []
+    for f in (out / "failures").glob("rank*.txt") if (out / "failures").is_dir() else []:
+        stamp, _, msg = f.read_text().strip().partition(" ")
+        reports.append((float(stamp), msg))
+    if not reports:
+        return f"torchrun exited with status {rc} (see the log above for the failed rank)"
+    reports.sort()
+    others = [m.split(" failed")[0] for _, m in reports[1:]]
+    return reports[0][1] + (f" (then: {', '.join(others)})" if others else "")
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = _args(list(sys.argv[1:] if argv is None else argv))
+    cmd, out, world = prepare(a)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    env.setdefault("OMP_NUM_THREADS", "1")  # one thread per rank: ranks share the cores
+    print(f"moeperf run: {world} ranks, out {out}", flush=True)
+    rc = subprocess.run(cmd, env=env).returncode
+    if rc != 0:
+        print(f"moeperf run: error: {failure_reason(out, rc)}", file=sys.stderr, flush=True)
+        return 1
+    s = summarise(out)
+    if s:
+        print(f"moeperf run: done {s['steps']} steps, {s['tokens_per_s']:.0f} tokens/s, "
+              f"{s['step_time_s']:.3f} s/step, loss {s['first_loss']:.4f} -> {s['final_loss']:.4f}", flush=True)
+        atomic.write_json(out / "summary.json", s)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
