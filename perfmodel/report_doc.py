@@ -194,9 +194,18 @@ def paper_section(doc: Doc, result: SearchResult, details: dict[int, dict[str, A
         ops = ", ".join(f"`{n}` {1e3 * s:.2f} ms" for n, s in top_ops(details.get(target.index, {})))
         side = "unknown" if err is None else ("below" if err < 0 else "above")
         gap = "" if err is None else f" by {abs(100 * err):.1f} %"
-        doc.p(f"**{what}** is {side} the paper{gap}. The predicted step of `{target.plan.name}` is made of: "
-              f"{parts or 'n/a'}. The largest component dominates the error; the heaviest ops of one layer "
-              f"(per micro-batch) are: {ops or 'n/a (simulator gave no per-op times)'}.")
+        implied = ""
+        if what.startswith("tokens_per_s") and err is not None and target.metrics:
+            m = target.metrics
+            step = m["step_time_s"] * (1 + err)
+            implied = (f" The paper's figure implies a step of {step:.2f} s (predicted {m['step_time_s']:.2f} s, "
+                       f"{step - m['step_time_s']:+.2f} s) and {100 * m['mfu'] / (1 + err):.1f} % MFU on this "
+                       f"model shape (predicted {100 * m['mfu']:.1f} %).")
+        big = max(bd.items(), key=lambda kv: kv[1])[0] if bd else None
+        doc.p(f"**{what}** is {side} the paper{gap}.{implied} The predicted step of `{target.plan.name}` is made "
+              f"of: {parts or 'n/a'}; the largest component, {LABELS.get(big or '', 'n/a')}, dominates the error "
+              f"budget. Heaviest ops of one layer (per micro-batch): "
+              f"{ops or 'n/a (simulator gave no per-op times)'}.")
 
 
 def _diff(a: Row, b: Row) -> list[str]:

@@ -139,59 +139,78 @@ def layer_gantt(timeline: list[Any], title: str, path: Path) -> bool:
         return False
     fwd = [e for e in evs if _phase(e.name) == "fwd"]
     bwd = [e for e in evs if _phase(e.name) != "fwd"]
-    groups = [(g, lbl) for g, lbl in ((fwd, "forward"), (bwd, "backward")) if g]
-    fig, axes = plt.subplots(len(groups), 1, figsize=(12, 2.6 * len(groups) + 1.2), squeeze=False)
+    groups = [(g, lbl) for g, lbl in ((fwd, "forward"), (bwd, "backward (recompute, dgrad, wgrad)")) if g]
+    ops = sorted({e.name.split("/")[0] for e in evs})
+    cmap = plt.get_cmap("tab20")
+    color = {op: cmap(i % 20) for i, op in enumerate(ops)}
+    fig, axes = plt.subplots(len(groups), 1, figsize=(13, 2.4 * len(groups) + 1.0), squeeze=False)
     for ax, (group, label) in zip(axes[:, 0], groups, strict=True):
         t0 = min(e.start_s for e in group)
-        tracks = sorted({e.track for e in group})
-        for e in group:
-            y = tracks.index(e.track)
-            x, w = (e.start_s - t0) * 1e3, e.dur_s * 1e3
-            comm = "comm" in e.track or e.track.startswith("link")
-            ax.broken_barh([(x, w)], (y - 0.38, 0.76), facecolor=PHASE_COLORS[_phase(e.name)],
-                           edgecolor="k", lw=0.4, hatch="//" if comm else None, alpha=0.9)
-        span = max(e.start_s + e.dur_s for e in group) - t0
-        for e in group:  # label ops wide enough to hold their name
-            if e.dur_s > span * 0.06:
-                ax.text((e.start_s - t0 + e.dur_s / 2) * 1e3, tracks.index(e.track), e.name.split("/")[0],
-                        ha="center", va="center", fontsize=7, color="white", clip_on=True)
+        tracks = sorted({e.track for e in group}, key=lambda t: ("compute" not in t, t))
+        bars: dict[tuple[str, str, str], list[tuple[float, float]]] = {}
+        for e in sorted(group, key=lambda e: (e.track, e.start_s, e.name)):
+            key = (e.track, e.name.split("/")[0], {"wgrad": "xx", "recompute": ".."}.get(_phase(e.name), ""))
+            bars.setdefault(key, []).append(((e.start_s - t0) * 1e3, e.dur_s * 1e3))
+        for (track, op, hatch), xr in sorted(bars.items()):
+            ax.broken_barh(xr, (tracks.index(track) - 0.38, 0.76), facecolor=color[op], edgecolor="k", lw=0.3,
+                           hatch=hatch or None)
         ax.set_yticks(range(len(tracks)), tracks, fontsize=8)
-        ax.set_xlabel(f"time since the layer's {label} began (ms)")
-        ax.set_title(f"{label}", fontsize=10)
+        ax.invert_yaxis()
+        ax.set_xlabel(f"time since the layer's {label.split()[0]} began (ms)")
+        ax.set_title(label, fontsize=10)
         ax.grid(axis="x", alpha=0.3)
-    handles = [Patch(color=c, label=p) for p, c in PHASE_COLORS.items() if p != "other"]
-    handles.append(Patch(facecolor="white", edgecolor="k", hatch="//", label="communication stream"))
-    fig.legend(handles=handles, loc="upper right", fontsize=8, ncol=5)
-    fig.suptitle(title, fontsize=11, y=1.0)
+    handles = [Patch(facecolor=color[op], edgecolor="k", lw=0.3, label=op) for op in ops]
+    handles += [Patch(facecolor="white", edgecolor="k", hatch="xx", label="(hatched xx) wgrad"),
+                Patch(facecolor="white", edgecolor="k", hatch="..", label="(dotted) recompute")]
+    fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, title="op",
+               frameon=False)
+    fig.suptitle(title + " (first stage, first micro-batch; pieces = split/tiled parts of an op)", fontsize=10)
     fig.tight_layout()
     _save(fig, path)
     return True
 
 
+def _is_backward(name: str) -> bool:
+    ph = name.rpartition("/")[2] if "/" in name else name.rpartition(".")[2]
+    return ph not in ("fwd", "forward")
+
+
 def pipeline_chart(timeline: list[Any], title: str, path: Path) -> bool:
-    """Compute streams of every stage over the iteration; ops merged per (micro-batch, phase) block."""
-    evs = [e for e in timeline if "compute" in e.track]
+    """Each stage over the iteration: its forward/backward blocks per micro-batch (the
+    simulator's `stageK/pipeline` tracks, else compute ops merged per micro-batch), then its
+    gradient sync and optimizer step."""
+    pipe = [e for e in timeline if e.track.endswith("/pipeline")]
+    evs = pipe or [e for e in timeline if e.track.endswith("/compute") and "microbatch" in e.args]
     if not evs:
         return False
-    blocks: dict[tuple, list[float]] = {}
+    blocks: dict[tuple, list[Any]] = {}
     for e in evs:
-        key = (e.track, e.args.get("microbatch", e.start_s), e.args.get("chunk", 0), _phase(e.name) != "fwd")
-        b = blocks.setdefault(key, [e.start_s, e.start_s + e.dur_s, _phase(e.name) != "fwd"])
+        key = (_stage_of(e.track), e.args.get("microbatch"), e.args.get("chunk", 0), _is_backward(e.name))
+        b = blocks.setdefault(key, [e.start_s, e.start_s + e.dur_s])
         b[0], b[1] = min(b[0], e.start_s), max(b[1], e.start_s + e.dur_s)
-    tracks = sorted({k[0] for k in blocks}, key=lambda t: (len(t), t))
-    fig, ax = plt.subplots(figsize=(12, 0.55 * len(tracks) + 2))
-    for (track, _mb, _c, _b), (s, f, back) in sorted(blocks.items(), key=lambda kv: (kv[0][0], kv[1][0])):
-        y = tracks.index(track)
-        ax.broken_barh([(s, f - s)], (y - 0.4, 0.8), facecolor=PHASE_COLORS["dgrad" if back else "fwd"],
+    tail = [e for e in timeline if e.name.split("/")[0] in ("dp.grad_sync", "dp.param_gather", "optim.step")]
+    stages = sorted({k[0] for k in blocks} | {_stage_of(e.track) for e in tail}, key=lambda t: (len(t), t))
+    fig, ax = plt.subplots(figsize=(12, 0.55 * len(stages) + 2.2))
+    bars: dict[tuple[str, bool], list[tuple[float, float]]] = {}
+    for (stage, _mb, _c, back), (s, f) in sorted(blocks.items(), key=lambda kv: (kv[0][0], kv[1][0], kv[0][3])):
+        bars.setdefault((stage, back), []).append((s, f - s))
+    for (stage, back), xr in sorted(bars.items()):  # one collection per stage and direction: fast to draw
+        ax.broken_barh(xr, (stages.index(stage) - 0.4, 0.8), facecolor=PHASE_COLORS["dgrad" if back else "fwd"],
                        edgecolor="white", lw=0.3)
-    ax.set_yticks(range(len(tracks)), tracks, fontsize=8)
+    for e in sorted(tail, key=lambda e: (e.track, e.start_s, e.name)):
+        color = "#C44E52" if e.name.startswith("dp.") else "#8172B3"
+        ax.broken_barh([(e.start_s, e.dur_s)], (stages.index(_stage_of(e.track)) - 0.25, 0.5), facecolor=color,
+                       alpha=0.8)
+    ax.set_yticks(range(len(stages)), [f"pipeline {s}" for s in stages], fontsize=8)
     ax.invert_yaxis()
     ax.set_xlabel("time in the iteration (s)")
     ax.set_title(title, fontsize=11)
-    ax.legend(handles=[Patch(color=PHASE_COLORS["fwd"], label="forward (a micro-batch)"),
-                       Patch(color=PHASE_COLORS["dgrad"], label="backward (a micro-batch)"),
-                       Patch(facecolor="white", edgecolor="k", label="idle: bubble / waiting on comm")],
-              fontsize=8, loc="upper right")
+    ax.legend(handles=[Patch(color=PHASE_COLORS["fwd"], label="forward of a micro-batch"),
+                       Patch(color=PHASE_COLORS["dgrad"], label="backward of a micro-batch"),
+                       Patch(color="#C44E52", alpha=0.8, label="gradient sync (DP)"),
+                       Patch(color="#8172B3", alpha=0.8, label="optimizer step"),
+                       Patch(facecolor="white", edgecolor="k", label="white gaps: bubble / waiting")],
+              fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=5, frameon=False)
     ax.grid(axis="x", alpha=0.3)
     _save(fig, path)
     return True

@@ -30,11 +30,20 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import ValidationError
-
 from perfmodel.layout import plan_layout
 from perfmodel.opgraph import OpGraph
-from perfmodel.specs import ClusterSpec, ModelSpec, PlanSpec, ProfileSpec, SearchSpace, SpecError, StudySpec
+from perfmodel.specs import (
+    PARALLEL_DIMS,
+    ClusterSpec,
+    CompressionSpec,
+    ModelSpec,
+    OverlapSpec,
+    PlanSpec,
+    ProfileSpec,
+    SearchSpace,
+    SpecError,
+    StudySpec,
+)
 
 BATCH = 48  # candidates per evaluation batch (fixed: results must not depend on --jobs)
 DEFAULT_GLOBAL_BATCH = PlanSpec().global_batch
@@ -138,15 +147,31 @@ def space_size(space: SearchSpace) -> int:
     return n
 
 
+_SUBSPECS: dict[tuple, Any] = {}
+
+
+def _sub(cls: type, **kw: Any) -> Any:
+    key = (cls.__name__, *sorted(kw.items()))
+    if key not in _SUBSPECS:
+        _SUBSPECS[key] = cls(**kw)
+    return _SUBSPECS[key]
+
+
 def make_plan(v: dict[str, Any], global_batch: int) -> PlanSpec:
-    plan = PlanSpec(
+    """A plan from one combination. SearchSpace already validated every value; only the
+    cross-field rule (rank_order is a permutation) is left, so skip pydantic's per-plan cost."""
+    order = tuple(v["rank_order"])
+    if sorted(order) != sorted(PARALLEL_DIMS):
+        raise SpecError(f"plan.rank_order: must be a permutation of {list(PARALLEL_DIMS)}, got {list(order)}")
+    plan = PlanSpec.model_construct(
         tp=v["tp"], sp=v["sp"], ep=v["ep"], etp=v["etp"], pp=v["pp"], vpp=v["vpp"],
         micro_batch=v["micro_batch"], global_batch=global_batch,
         schedule="interleaved" if v["vpp"] > 1 else "1f1b", recompute=v["recompute"],
-        overlap={"inter_op": v["inter_op"], "intra_op": v["intra_op"], "chunks": v["chunks"]},
-        compression={"dispatch": v["dispatch"], "combine": v["combine"], "grad_sync": v["grad_sync"]},
-        distributed_optimizer=v["distributed_optimizer"], rank_order=tuple(v["rank_order"]))
-    return plan.model_copy(update={"name": plan_name(plan)})
+        overlap=_sub(OverlapSpec, inter_op=v["inter_op"], intra_op=v["intra_op"], chunks=v["chunks"]),
+        compression=_sub(CompressionSpec, dispatch=v["dispatch"], combine=v["combine"], grad_sync=v["grad_sync"]),
+        distributed_optimizer=v["distributed_optimizer"], rank_order=order)
+    object.__setattr__(plan, "name", plan_name(plan))  # frozen model: set the derived name once
+    return plan
 
 
 def enumerate_space(space: SearchSpace, global_batch: int) -> tuple[list[PlanSpec | str], int]:
@@ -168,18 +193,23 @@ def enumerate_space(space: SearchSpace, global_batch: int) -> tuple[list[PlanSpe
             continue
         try:
             out.append(make_plan(v, global_batch))
-        except ValidationError as exc:
-            err = exc.errors()[0]
-            out.append(f"plan.{'.'.join(map(str, err['loc']))}: {err['msg'].removeprefix('Value error, ')}")
+        except SpecError as exc:
+            out.append(str(exc))
     return out, merged
 
 
 # ---------------------------------------------------------------------- lower bound
 def _op_seconds(op: Any, prof: ProfileSpec) -> float:
-    """A floor on one compute op's time: its FLOPs at the bf16 (or higher) peak times the
-    profile's efficiency at that size, as the simulator times it but without launch cost,
-    HBM floor or comm interference. Ops off the main branch may overlap: they count 0."""
-    if op.kind not in ("gemm", "attention") or op.flops <= 0 or op.branch != "main":
+    """A floor on one compute-stream op's time, as the simulator's hardware model times it
+    but without launch cost, the GEMM's HBM floor or comm interference: GEMM/attention FLOPs
+    at the bf16 (or higher) peak x the profile's efficiency at the op's full size (a piece of
+    a split op is never more efficient), memory ops by bytes at the HBM efficiency of their
+    full size. Ops off the main branch may overlap: they count 0."""
+    if op.branch != "main":
+        return 0.0
+    if op.kind == "memory":
+        return op.bytes / (prof.hbm_bw_GBps * 1e9 * max(prof.memory_efficiency.at(op.bytes), 1e-9)) if op.bytes > 0 else 0.0
+    if op.kind not in ("gemm", "attention") or op.flops <= 0:
         return 0.0
     peak = max(prof.peak_tflops.get("bf16", 0.0), prof.peak_tflops.get(op.dtype, 0.0)) * 1e12
     if op.kind == "attention":
@@ -191,20 +221,26 @@ def _op_seconds(op: Any, prof: ProfileSpec) -> float:
 
 
 def lower_bound_s(model: ModelSpec, plan: PlanSpec, world: int, prof: ProfileSpec) -> float:
-    """Compute-only floor on the step time: microbatches x the busiest stage's GEMM/attention
-    time per micro-batch (incl. recomputation) at the profile's best efficiency, nothing else."""
+    """Compute-only floor on the step time: for each stage, micro-batches x its compute-stream
+    time per micro-batch (layers incl. recomputation, embedding, head) + its optimizer step;
+    the busiest stage. No communication, bubble or launch cost is counted."""
     g = OpGraph(model, plan, world)
     per_kind = {k: sum(_op_seconds(op, prof) for op in lg.ops) for k, lg in g.layers.items()}
     head = sum(_op_seconds(op, prof) for op in g.head_ops)
+    embed = sum(_op_seconds(op, prof) for op in g.embed_ops)
+    last = g.layout.pp - 1
     worst = 0.0
     for stage in range(g.layout.pp):
         t = sum(per_kind[k] for k in g.stage_layer_kinds(stage))
-        worst = max(worst, t + (head if stage == g.layout.pp - 1 else 0.0))
-    return g.layout.microbatches * worst
+        t += (head if stage == last else 0.0) + (embed if stage == 0 else 0.0)
+        worst = max(worst, g.layout.microbatches * t + _op_seconds(g.optimizer_op(stage), prof))
+    return worst
 
 
 def _bound_key(p: PlanSpec) -> tuple:
-    return (p.tp, p.sp, p.ep, p.etp, p.pp, p.vpp, p.micro_batch, p.recompute, p.global_batch)
+    c = p.compression
+    return (p.tp, p.sp, p.ep, p.etp, p.pp, p.vpp, p.micro_batch, p.recompute, p.global_batch, c.dispatch,
+            c.combine, p.distributed_optimizer)
 
 
 # ------------------------------------------------------------------------ evaluation
@@ -303,13 +339,19 @@ def _prepare(study: StudySpec, v: VariantParts, start: int, memory_fn: MemoryFn,
         else:
             rows.append(Row(start + len(rows), v.name, c))
     bounds: dict[tuple, float] = {}
+    layouts: dict[tuple, str] = {}  # layout key -> "" (valid) or the failing constraint
     for row in rows:
         if row.status != "pending":
             continue
-        try:
-            plan_layout(row.plan, v.model, v.world)
-        except SpecError as exc:
-            row.status, row.reason = "invalid", " ".join(str(exc).split())
+        key = _bound_key(row.plan) + (row.plan.dp, row.plan.schedule)
+        if key not in layouts:
+            try:
+                plan_layout(row.plan, v.model, v.world)
+                layouts[key] = ""
+            except SpecError as exc:
+                layouts[key] = " ".join(str(exc).split())
+        if layouts[key]:
+            row.status, row.reason = "invalid", layouts[key]
             continue
         key = _bound_key(row.plan)
         if key not in bounds:
