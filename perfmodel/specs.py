@@ -209,6 +209,13 @@ class FabricProfile(Strict):
     efficiency: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)] = 1.0
 
 
+class CollectiveFit(Strict):
+    """A calibrated collective (alpha-beta): seconds = latency_us*1e-6 + bytes_per_rank / (bw_GBps*1e9)."""
+
+    latency_us: NonNegFloat
+    bw_GBps: PosFloat
+
+
 class ProfileSpec(Strict):
     """A hardware profile: public datasheet peaks plus efficiency curves (presets) or fits (calibrated)."""
 
@@ -226,6 +233,9 @@ class ProfileSpec(Strict):
     launch_overhead_us: NonNegFloat = 4.0
     fabrics: dict[Literal["nvlink", "pcie", "ib", "ethernet", "loopback"], FabricProfile]
     comm_compute_slowdown: Annotated[float, Field(ge=0, le=5, allow_inf_nan=False)] = 0.0
+    # calibrated only: per collective, keyed "<collective>.<group kind>" (e.g. all_to_all.ep) or
+    # "<collective>" (any group); the fabric's latency/efficiency apply where no key matches
+    collectives: dict[str, CollectiveFit] = {}
     calibrated_from: list[str] = []
     residuals: dict[str, float] = {}
 

@@ -1,0 +1,269 @@
+"""Fit a hardware profile from recorded traces: `moeperf calibrate TRACE_DIR... --out PROFILE`.
+
+Every fit is a straight line in the op's work, solved by least squares on relative error
+(numpy only), so it reads back directly into the profile's schema:
+
+* memory ops      t = launch + bytes / (hbm_bw * memory_efficiency.max)
+  -> `launch_overhead_us` (intercept) and `memory_efficiency.max` (or `hbm_bw_GBps` above 1);
+* GEMM / grouped GEMM / attention, per dtype
+                  t = launch + (flops + half_work) / (peak[dtype] * max)
+  -> the curve's `max` and `half_work` (the intercept beyond launch), `peak_tflops[dtype]` for
+  the other dtypes (and for the main one where the measured rate beats the preset peak);
+* collectives, per collective and group kind
+                  t = latency + bytes_per_rank / bw
+  -> `collectives["all_to_all.ep"]` etc., per collective over all groups, and the fabric's
+  latency and efficiency (median latency; rate / the cluster's link bandwidth);
+* `comm_compute_slowdown`: how much slower GEMMs run in plans that overlap communication
+  with compute than the fit of the plans that do not predicts (kept from the base profile
+  when the traces cannot tell).
+
+The profile is written atomically with `calibrated_from` (the run directories) and `residuals`
+(RMS relative error and sample count of each fit); one PNG per fit goes beside it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from perfmodel import atomic
+from perfmodel.argparse_util import parser
+from perfmodel.calibrate_data import Sample, collect
+from perfmodel.specs import ProfileSpec, SpecError, load_spec, parse_spec
+from perfmodel.trace_reader import read_meta
+
+CURVES = {"gemm": "gemm_efficiency", "grouped_gemm": "grouped_gemm_efficiency", "attention": "attention_efficiency"}
+
+
+def linfit(w: np.ndarray, t: np.ndarray, intercept: float | None = None) -> tuple[float, float]:
+    """t ~ a + b*w minimising relative error; a >= 0, b > 0. A fixed `intercept` fits b only."""
+    w, t = np.asarray(w, float), np.asarray(t, float)
+    ok = (t > 0) & np.isfinite(t) & np.isfinite(w) & (w >= 0)
+    w, t = w[ok], t[ok]
+    if len(t) == 0:
+        raise ValueError("no samples")
+    r = 1.0 / t
+
+    def slope(a: float) -> float:
+        num, den = float(np.sum((t - a) * w * r * r)), float(np.sum(w * w * r * r))
+        return max(num / den, 1e-30) if den > 0 else 1e-30
+
+    if intercept is None and len(np.unique(w)) >= 2:
+        A = np.stack([r, w * r], axis=1)
+        (a, b), *_ = np.linalg.lstsq(A, np.ones_like(t), rcond=None)
+        if a >= 0 and b > 0:
+            return float(a), float(b)
+        if b <= 0:  # time does not grow with work: all latency
+            return float(np.median(t)), 1e-30
+        return 0.0, slope(0.0)
+    a = max(0.0, intercept if intercept is not None else 0.0)
+    if intercept is None:  # one size only: cannot split latency from rate; charge it all to rate
+        return 0.0, slope(0.0)
+    return a, slope(a)
+
+
+def rms_rel(w: np.ndarray, t: np.ndarray, a: float, b: float) -> float:
+    pred = a + b * np.asarray(w, float)
+    return float(np.sqrt(np.mean(((pred - t) / t) ** 2))) if len(t) else 0.0
+
+
+def _arrays(samples: list[Sample]) -> tuple[np.ndarray, np.ndarray]:
+    return np.array([s.work for s in samples], float), np.array([s.seconds for s in samples], float)
+
+
+def _sig(x: float, digits: int = 6) -> float:
+    return float(f"{x:.{digits}g}")
+
+
+def fit_profile(samples: list[Sample], base: ProfileSpec, sources: list[str],
+                link_bw_GBps: float | None = None) -> tuple[ProfileSpec, dict[str, dict[str, Any]]]:
+    """The calibrated profile and, per fit, its samples and line (for the figures)."""
+    if not samples:
+        raise SpecError("calibrate: the traces hold no op the op graph knows (were ops wrapped in "
+                        "record_function('op/phase')?)")
+    fits: dict[str, dict[str, Any]] = {}
+    d = base.model_dump(mode="python")
+    resid: dict[str, float] = {}
+    groups: dict[str, list[Sample]] = defaultdict(list)
+    for s in samples:
+        if s.kind == "comm" or not s.overlap:
+            groups[s.key].append(s)
+
+    def record(key: str, ss: list[Sample], a: float, b: float, unit: str) -> None:
+        w, t = _arrays(ss)
+        fits[key] = {"work": w.tolist(), "seconds": t.tolist(), "a": a, "b": b, "unit": unit,
+                     "events": [s.event for s in ss]}
+        resid[f"{key}.rms_rel_err"] = _sig(rms_rel(w, t, a, b), 4)
+        resid[f"{key}.n"] = float(len(ss))
+
+    # memory-bound ops -> launch overhead + memory efficiency
+    mem = [s for k, ss in groups.items() if k.startswith("memory.") for s in ss]
+    launch_s = base.launch_overhead_us * 1e-6
+    if mem:
+        a, b = linfit(*_arrays(mem))
+        launch_s = a
+        record("memory", mem, a, b, "bytes")
+        rate = 1.0 / b
+        eff = rate / (base.hbm_bw_GBps * 1e9)
+        if eff > 1:
+            d["hbm_bw_GBps"], eff = _sig(rate / 1e9), 1.0
+        d["memory_efficiency"] = {"max": _sig(min(1.0, eff)), "half_work": 0.0}
+        d["launch_overhead_us"] = _sig(launch_s * 1e6)
+    # compute curves: the main dtype sets max/half_work, other dtypes their peak
+    peaks = dict(d["peak_tflops"])
+    for kind, field in CURVES.items():
+        by_dtype = {k.split(".", 1)[1]: ss for k, ss in groups.items() if k.startswith(f"{kind}.")}
+        if not by_dtype:
+            continue
+        main = max(by_dtype, key=lambda dt: sum(s.flops * s.instances for s in by_dtype[dt]))
+        curve = d.get(field) or d["gemm_efficiency"]
+        eff_max = None
+        for dt in [main] + [x for x in sorted(by_dtype) if x != main]:
+            ss = by_dtype[dt]
+            a, b = linfit(*_arrays(ss))
+            record(f"{kind}.{dt}", ss, a, b, "flops")
+            rate = 1.0 / b
+            if dt == main:
+                peak = peaks.get(dt) or peaks.get("bf16") or max(peaks.values())
+                eff_max = rate / (peak * 1e12)
+                if eff_max > 1:
+                    if kind == "gemm":
+                        peaks[dt], eff_max = _sig(rate / 1e12 / 0.9), 0.9
+                    else:
+                        eff_max = 1.0
+                half = max(0.0, (a - launch_s) / b)
+                curve = {"max": _sig(eff_max), "half_work": _sig(half)}
+            elif kind == "gemm" and eff_max:
+                peaks[dt] = _sig(rate / 1e12 / eff_max)
+        d[field] = curve
+    d["peak_tflops"] = peaks
+    # comm_compute_slowdown: GEMMs of overlapping plans against the non-overlapped fit
+    ov = [s for s in samples if s.overlap and s.kind == "gemm" and f"gemm.{s.dtype}" in fits]
+    if ov:
+        ratios = [s.seconds / (fits[f"gemm.{s.dtype}"]["a"] + fits[f"gemm.{s.dtype}"]["b"] * s.flops) for s in ov]
+        d["comm_compute_slowdown"] = _sig(float(np.clip(np.median(ratios) - 1.0, 0.0, 5.0)), 4)
+        resid["comm_compute_slowdown.n"] = float(len(ov))
+    # collectives
+    coll: dict[str, dict[str, float]] = {}
+    by_coll: dict[str, list[Sample]] = defaultdict(list)
+    for key, ss in sorted(groups.items()):
+        if not key.startswith("comm."):
+            continue
+        a, b = linfit(*_arrays(ss))
+        record(key, ss, a, b, "bytes")
+        coll[key.removeprefix("comm.")] = {"latency_us": _sig(a * 1e6), "bw_GBps": _sig(max(1e-9, 1 / b / 1e9))}
+        by_coll[ss[0].collective or "?"].extend(ss)
+    lat, rates = [], []
+    for name, ss in sorted(by_coll.items()):
+        a, b = linfit(*_arrays(ss))
+        coll.setdefault(name, {"latency_us": _sig(a * 1e6), "bw_GBps": _sig(max(1e-9, 1 / b / 1e9))})
+        lat.append(a)
+        rates.append(1 / b)
+    if coll:
+        d["collectives"] = coll
+        fabric = next(iter(d["fabrics"]))
+        bw = link_bw_GBps or max(rates) / 1e9
+        d["fabrics"] = {**d["fabrics"], fabric: {
+            "latency_us": _sig(float(np.median(lat)) * 1e6),
+            "efficiency": _sig(float(np.clip(np.median(rates) / (bw * 1e9), 1e-6, 1.0)))}}
+    d.update(name=f"{base.name}-calibrated", source=f"calibrated by moeperf calibrate from {len(sources)} run(s)",
+             calibrated_from=list(sources), residuals=dict(sorted(resid.items())))
+    return parse_spec(d, "profile", "calibrated profile"), fits
+
+
+def profile_yaml(profile: ProfileSpec) -> str:
+    data = profile.model_dump(mode="json", exclude_none=True)
+    head = "# calibrated hardware profile written by `moeperf calibrate` (same schema as the presets)\n"
+    return head + yaml.safe_dump(data, sort_keys=False, width=110)
+
+
+def plot_fits(fits: dict[str, dict[str, Any]], out_dir: Path, stem: str) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for key, f in sorted(fits.items()):
+        w, t = np.array(f["work"]), np.array(f["seconds"])
+        fig, ax = plt.subplots(figsize=(5.5, 4))
+        ax.scatter(np.maximum(w, 1), t * 1e6, s=14, alpha=0.7, label="measured (per instance)")
+        xs = np.geomspace(max(1.0, w.min() if len(w) else 1.0), max(2.0, w.max() * 1.2 if len(w) else 2.0), 50)
+        ax.plot(xs, (f["a"] + f["b"] * xs) * 1e6, "r-",
+                label=f"fit: {f['a'] * 1e6:.1f} us + work / {1 / f['b']:.3g} per s")
+        ax.set(xscale="log", yscale="log", xlabel=f["unit"], ylabel="time per instance (us)", title=key)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=90)
+        plt.close(fig)
+        written.append(atomic.write_bytes(out_dir / f"{stem}.{key}.png", buf.getvalue()))
+    return written
+
+
+def expand_dirs(dirs: list[str]) -> list[Path]:
+    """Run directories (rank<k>.json + meta.yaml); a folder of run folders is expanded."""
+    out: list[Path] = []
+    for d in map(Path, dirs):
+        if not d.is_dir():
+            raise SpecError(f"{d}: not a trace directory")
+        if (d / "meta.yaml").is_file():
+            out.append(d)
+            continue
+        subs = sorted(p.parent for p in d.glob("*/meta.yaml")) or sorted(p.parent for p in d.glob("*/*/meta.yaml"))
+        if not subs:
+            raise SpecError(f"{d}: no meta.yaml in it or its sub-folders (expected traces/<run-id>/meta.yaml)")
+        out += subs
+    return out
+
+
+def base_profile(run_dir: Path, base: str | None) -> tuple[ProfileSpec, float | None]:
+    """The profile to start from (--base, else the run's cluster GPU preset) and the cluster's link bandwidth."""
+    meta = read_meta(run_dir)
+    cluster = meta.get("cluster")
+    spec = None
+    if cluster is not None:
+        spec = parse_spec(cluster, "cluster", f"{run_dir}:cluster") if isinstance(cluster, dict) \
+            else load_spec(str(cluster), "cluster")
+    prof = load_spec(base, "profile") if base else (spec.profile() if spec else load_spec("cpu", "profile"))
+    bw = spec.intra_node.bw_GBps if spec and spec.intra_node.bw_GBps else None
+    return prof, bw
+
+
+def calibrate(run_dirs: list[str | Path], out: str | Path, base: str | None = None,
+              figures: bool = True) -> tuple[ProfileSpec, dict[str, dict[str, Any]]]:
+    dirs = expand_dirs([str(d) for d in run_dirs])
+    prof, bw = base_profile(dirs[0], base)
+    samples = collect(dirs)
+    profile, fits = fit_profile(samples, prof, [str(d) for d in dirs], bw)
+    out = Path(out)
+    atomic.write_text(out, profile_yaml(profile))
+    if figures:
+        plot_fits(fits, out.parent, out.stem)
+    return profile, fits
+
+
+def main(argv: list[str]) -> int:
+    ap = parser("calibrate", "fit a hardware profile (efficiency curves, launch cost, collective alpha/beta, "
+                "comm/compute interference) from recorded traces")
+    ap.add_argument("trace_dirs", nargs="+", metavar="TRACE_DIR", help="traces/<run-id> folders (or a folder of them)")
+    ap.add_argument("--out", required=True, help="profile YAML to write (figures go beside it)")
+    ap.add_argument("--base", default=None, help="profile preset/path to start from (default: the run's cluster GPU)")
+    ap.add_argument("--no-figures", action="store_true")
+    ap.add_argument("--json", action="store_true")
+    a = ap.parse_args(argv)
+    profile, fits = calibrate(a.trace_dirs, a.out, a.base, figures=not a.no_figures)
+    if a.json:
+        print(json.dumps({"profile": str(a.out), "residuals": profile.residuals, "fits": sorted(fits)}, indent=1))
+    else:
+        print(f"wrote {a.out} ({len(fits)} fits from {len(profile.calibrated_from)} run(s))")
+        for k, v in profile.residuals.items():
+            if k.endswith(".rms_rel_err"):
+                print(f"  {k[:-12]:<28} rms rel. error {v:6.1%}  n={int(profile.residuals[k[:-12] + '.n'])}")
+    return 0

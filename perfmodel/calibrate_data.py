@@ -1,0 +1,162 @@
+"""Measured op times of recorded runs, paired with the op graph's FLOPs, bytes and payloads.
+
+A run is `traces/<run-id>/rank<k>.json` + `meta.yaml` (model, plan, cluster, world_size). Each
+rank's per-step time of an op event (`moe.fc1/wgrad`) is divided by the number of times the
+op graph says that event runs on that rank per step (layers of the rank's pipeline stage x
+micro-batches), giving one `Sample` per (run, rank, event): seconds per instance next to the
+instance's work.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from perfmodel.layout import group_of, rank_groups
+from perfmodel.opgraph import Op, OpGraph
+from perfmodel.specs import ModelSpec, PlanSpec, SpecError, load_spec, parse_spec
+from perfmodel.trace_reader import RankTrace, read_run
+
+
+@dataclass(frozen=True)
+class Sample:
+    run: str
+    plan: str
+    rank: int
+    event: str  # op/phase
+    kind: str  # gemm | grouped_gemm | attention | memory | comm
+    dtype: str
+    flops: float
+    bytes: float  # HBM bytes (compute) or bytes per rank on the wire (comm)
+    seconds: float  # measured, per instance
+    instances: float  # per step on this rank
+    collective: str | None = None
+    group: str | None = None
+    group_size: int = 1
+    overlap: bool = False  # the plan overlaps communication with compute
+
+    @property
+    def work(self) -> float:
+        return self.flops if self.kind in ("gemm", "grouped_gemm", "attention") else self.bytes
+
+    @property
+    def key(self) -> str:
+        """The fit this sample belongs to: kind.dtype, or comm.<collective>.<group>."""
+        if self.kind == "comm":
+            return f"comm.{self.collective}.{self.group}"
+        return f"{self.kind}.{self.dtype}"
+
+
+def _spec(meta: dict[str, Any], key: str, kind: str, where: str) -> Any:
+    v = meta.get(key)
+    if v is None:
+        raise SpecError(f"{where}: meta.yaml has no {key}:")
+    return parse_spec(v, kind, f"{where}:{key}") if isinstance(v, dict) else load_spec(str(v), kind)
+
+
+def run_specs(meta: dict[str, Any], where: str) -> tuple[ModelSpec, PlanSpec, int]:
+    model = _spec(meta, "model", "model", where)
+    plan = _spec(meta, "plan", "plan", where)
+    world = meta.get("world_size")
+    if not isinstance(world, int) or world < 1:
+        raise SpecError(f"{where}: meta.yaml world_size: expected a positive integer, got {world!r}")
+    return model, plan, world
+
+
+def stage_of(plan: PlanSpec, world: int, rank: int) -> int:
+    if plan.pp == 1:
+        return 0
+    return group_of(rank_groups(plan, world), "pp", rank).index(rank)
+
+
+def stage_ops(graph: OpGraph, stage: int) -> dict[str, tuple[Op, float]]:
+    """Each op event of a stage's rank with its instances per step (micro-batches x layers)."""
+    L = graph.layout
+    mb = L.microbatches
+    out: dict[str, tuple[Op, float]] = {}
+
+    def add(op: Op, n: float) -> None:
+        if op.event in out:
+            prev, m = out[op.event]
+            out[op.event] = (prev, m + n)  # same event in dense and MoE layers: keep the first's work
+        else:
+            out[op.event] = (op, n)
+
+    kinds = graph.stage_layer_kinds(stage)
+    for kind, layer in graph.layers.items():
+        n = kinds.count(kind)
+        if n:
+            for op in layer.ops:
+                add(op, n * mb)
+    if stage == 0:
+        for op in graph.embed_ops:
+            add(op, mb)
+    if stage == L.pp - 1:
+        for op in graph.head_ops:
+            add(op, mb)
+    for op in graph.grad_sync_ops(stage):
+        add(op, 1)
+    add(graph.optimizer_op(stage), 1)
+    return out
+
+
+def _kind(op: Op) -> str:
+    if op.kind == "gemm" and op.shape and op.shape[0] > 1:
+        return "grouped_gemm"
+    return op.kind
+
+
+def samples_of_run(run_dir: str | Path) -> tuple[list[Sample], dict[str, Any], list[RankTrace]]:
+    meta, traces = read_run(run_dir)
+    where = str(run_dir)
+    model, plan, world = run_specs(meta, where)
+    graph = OpGraph(model, plan, world)
+    overlap = plan.overlap.inter_op or plan.overlap.intra_op != "none"
+    out: list[Sample] = []
+    by_stage: dict[int, dict[str, tuple[Op, float]]] = {}
+    for tr in traces:
+        rank = int(re.findall(r"\d+", Path(tr.path).name)[0])
+        st = stage_of(plan, world, rank)
+        ops = by_stage.setdefault(st, stage_ops(graph, st))
+        measured = tr.op_seconds_per_step()
+        merged: dict[str, float] = defaultdict(float)
+        for ev, sec in measured.items():
+            merged[ev] += sec
+        for ev, sec in merged.items():
+            if ev not in ops or sec <= 0:
+                continue
+            op, n = ops[ev]
+            if n <= 0:
+                continue
+            if op.kind == "comm" and op.group_size <= 1 and op.collective != "send_recv":
+                continue
+            work_bytes = op.bytes_per_rank * op.imbalance if op.kind == "comm" else op.bytes
+            out.append(Sample(run=Path(run_dir).name, plan=plan.name, rank=rank, event=ev, kind=_kind(op),
+                              dtype=op.dtype, flops=op.flops, bytes=work_bytes, seconds=sec / n, instances=n,
+                              collective=op.collective, group=op.group, group_size=op.group_size,
+                              overlap=overlap))
+    return out, meta, traces
+
+
+def collect(run_dirs: list[str | Path]) -> list[Sample]:
+    out: list[Sample] = []
+    for d in run_dirs:
+        out += samples_of_run(d)[0]
+    return out
+
+
+def measured_step_s(meta: dict[str, Any], traces: list[RankTrace]) -> float:
+    """A run's step time: meta's unprofiled step times when recorded, else the traced steps (max over ranks)."""
+    times = meta.get("step_times_s")
+    if isinstance(times, list) and times and all(isinstance(t, (int, float)) for t in times):
+        s = sorted(float(t) for t in times)
+        return s[len(s) // 2]
+    per_rank = []
+    for tr in traces:
+        s = sorted(tr.step_times_s())
+        if s:
+            per_rank.append(s[len(s) // 2])
+    return max(per_rank) if per_rank else 0.0
