@@ -109,7 +109,7 @@ def _print_table(result, top: int, out: Path) -> None:
                         f"({', '.join(f'{k} {v}' for k, v in result.counts().items())})")
     cols = ["#"] + (["variant"] if multi else []) + ["plan", "tokens/s", "MFU", "step s", "mem GiB"]
     for c in cols:
-        table.add_column(c, justify="left" if c in ("plan", "variant") else "right")
+        table.add_column(c, justify="left" if c in ("plan", "variant") else "right", no_wrap=True)
     shown = result.ranked()[:top]
     fixed = [r for r in result.fixed() if r not in shown]
     for i, row in enumerate(shown + fixed):
@@ -117,9 +117,10 @@ def _print_table(result, top: int, out: Path) -> None:
         label = str(i + 1) if i < len(shown) else ("base" if row.plan.name == result.study.baseline else "fixed")
         table.add_row(label, *([row.variant] if multi else []), f["name"], f["tokens_per_s"], f["mfu"],
                       f["step_time_s"], f["memory_GiB"])
-    console = Console(width=max(100, Console().width))
+    console = Console(width=max(150, Console().width))
     console.print(table)
-    console.print(f"report: {out / 'report.html'} (and report.md, plans.csv, best_plan.yaml)")
+    print(f"searched in {result.wall_s:.1f} s ({result.evaluated / max(result.wall_s, 1e-9):.1f} simulated plans/s)")
+    print(f"report: {out / 'report.html'} (and report.md, plans.csv, best_plan.yaml, best_timeline.json)")
 
 
 def main(argv: list[str]) -> int:
