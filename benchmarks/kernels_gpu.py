@@ -10,7 +10,8 @@ a per-expert torch._scaled_mm loop (row-wise scales) and torch._scaled_grouped_m
 A baseline that raises on this GPU/torch is reported as unavailable, not silently dropped.
 
 Writes benchmarks/results/kernels_gpu_<gpu>.csv and prints, per shape, triton / best torch;
-the last line is `grouped_gemm_ratio_min <ratio>` (the bar is >= 0.9).  Without CUDA it prints
+the last lines are `grouped_gemm_fwd_ratio_min` and `grouped_gemm_ratio_min` (forward, and
+forward + dgrad + wgrad; the bar is >= 0.9).  Without CUDA it prints
 a skip line and exits 0.
 """
 
@@ -82,7 +83,7 @@ def _quant_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def bench_shape(gpu: str, model: str, gemm: str, tokens: int, k: int, n: int, e: int, topk: int,
                 device: str = "cuda", dtype: torch.dtype = torch.bfloat16,
-                timer: Callable[[Callable[[], object]], float] | None = None) -> list[Row]:
+                timer: Callable[[Callable[[], object]], float] | None = None, backward: bool = True) -> list[Row]:
     """All implementations on one shape.  device/dtype/timer exist so kernels_cpu.py can run the
     same code as a smoke test under the interpreter (fp32, tiny shapes, wall-clock timer)."""
     from runtime.kernels import grouped_gemm_fp8, quantize_fp8
@@ -101,14 +102,15 @@ def bench_shape(gpu: str, model: str, gemm: str, tokens: int, k: int, n: int, e:
     flops = 2.0 * rows * k * n
     out: list[Row] = []
 
-    def record(dtype: str, impl: str, fn: Callable[[], torch.Tensor], ref: torch.Tensor | None) -> None:
+    def record(dtype: str, impl: str, fn: Callable[[], torch.Tensor], ref: torch.Tensor | None,
+               label: str = gemm) -> None:
         try:
             y = fn()
             err = _rel(y, ref) if ref is not None else 0.0
             ms = timer(fn)
-            out.append(Row(gpu, model, gemm, tokens, rows, k, n, e, dtype, impl, ms, flops / ms / 1e9, err))
+            out.append(Row(gpu, model, label, tokens, rows, k, n, e, dtype, impl, ms, flops / ms / 1e9, err))
         except Exception as exc:  # an unsupported baseline on this torch/GPU: say so, keep going
-            out.append(Row(gpu, model, gemm, tokens, rows, k, n, e, dtype, impl, float("nan"), float("nan"),
+            out.append(Row(gpu, model, label, tokens, rows, k, n, e, dtype, impl, float("nan"), float("nan"),
                            float("nan"), f"unavailable: {type(exc).__name__}: {str(exc)[:120]}"))
 
     # ---- 16-bit (fp32 in the CPU smoke)
@@ -126,6 +128,8 @@ def bench_shape(gpu: str, model: str, gemm: str, tokens: int, k: int, n: int, e:
     if hasattr(torch, "_grouped_mm"):
         record(hi, "torch_grouped_mm", lambda: torch._grouped_mm(x, w, offs=ends), ref)
     record(hi, "triton", lambda: grouped_gemm_fwd_triton(x, w, offsets), ref)
+    if backward:
+        _bench_backward(record, hi, x, w, splits, offsets, ends, gemm)
 
     # ---- fp8: per-token x scales, per-channel w scales, bf16 output
     xq, sx = quantize_fp8(x, None, "triton")
@@ -152,6 +156,39 @@ def bench_shape(gpu: str, model: str, gemm: str, tokens: int, k: int, n: int, e:
     return out
 
 
+def _bench_backward(record, hi: str, x, w, splits: list[int], offsets, ends, gemm: str) -> None:
+    """dgrad dx_e = dy_e @ W_e^T and wgrad dW_e = x_e^T @ dy_e, same FLOPs as the forward."""
+    from runtime.kernels.grouped_gemm import grouped_gemm_dgrad_triton, grouped_gemm_wgrad_triton
+
+    e, n = w.shape[0], w.shape[2]
+    dy = torch.randn(x.shape[0], n, device=x.device, dtype=x.dtype)
+    dys, xs = list(torch.split(dy, splits)), list(torch.split(x, splits))
+    dx = torch.empty_like(x)
+    dxs = list(torch.split(dx, splits))
+    dw = torch.empty_like(w)
+
+    def dgrad_loop() -> torch.Tensor:
+        for i in range(e):
+            torch.mm(dys[i], w[i].t(), out=dxs[i])
+        return dx
+
+    def wgrad_loop() -> torch.Tensor:
+        for i in range(e):
+            torch.mm(xs[i].t(), dys[i], out=dw[i])
+        return dw
+
+    ref_d = dgrad_loop().clone()
+    ref_w = wgrad_loop().clone()
+    record(hi, "torch_loop", dgrad_loop, ref_d, f"{gemm}.dgrad")
+    record(hi, "torch_loop", wgrad_loop, ref_w, f"{gemm}.wgrad")
+    if hasattr(torch, "_grouped_mm"):
+        record(hi, "torch_grouped_mm", lambda: torch._grouped_mm(dy, w.transpose(1, 2), offs=ends), ref_d,
+               f"{gemm}.dgrad")
+        record(hi, "torch_grouped_mm", lambda: torch._grouped_mm(x.t(), dy, offs=ends), ref_w, f"{gemm}.wgrad")
+    record(hi, "triton", lambda: grouped_gemm_dgrad_triton(dy, w, offsets), ref_d, f"{gemm}.dgrad")
+    record(hi, "triton", lambda: grouped_gemm_wgrad_triton(x, dy, offsets, w.dtype), ref_w, f"{gemm}.wgrad")
+
+
 def _gpu_name() -> str:
     return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")
 
@@ -167,7 +204,7 @@ def write_csv(rows: list[Row], path: Path) -> None:
     os.replace(tmp, path)  # atomic: a crashed run never leaves half a CSV
 
 
-def summarize(rows: list[Row]) -> float:
+def summarize(rows: list[Row], quiet: bool = False) -> float:
     """Print triton / best torch per (shape, dtype); return the smallest ratio."""
     worst = float("inf")
     keys = sorted({(r.model, r.gemm, r.tokens, r.dtype) for r in rows})
@@ -176,12 +213,15 @@ def summarize(rows: list[Row]) -> float:
         tri = [r for r in group if r.impl == "triton"]
         base = [r for r in group if r.impl != "triton"]
         if not tri or not base:
-            print(f"{key}: no comparison (triton {'ok' if tri else 'missing'}, torch baselines {len(base)})")
+            if not quiet:
+                    print(f"{key}: no comparison (triton {'ok' if tri else 'missing'}, torch baselines {len(base)})")
             continue
         best = max(base, key=lambda r: r.tflops)
         ratio = tri[0].tflops / best.tflops
         worst = min(worst, ratio)
-        print(f"{key[0]:13s} {key[1]} T={key[2]:5d} {key[3]:4s}: triton {tri[0].tflops:7.1f} TFLOP/s "
+        if quiet:
+            continue
+        print(f"{key[0]:13s} {key[1]:9s} T={key[2]:5d} {key[3]:4s}: triton {tri[0].tflops:7.1f} TFLOP/s "
               f"(err {tri[0].max_rel_err:.1e}), best torch {best.impl} {best.tflops:7.1f} -> ratio {ratio:.2f}")
     return worst
 
@@ -191,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens", type=int, nargs="+", default=[4096, 8192], help="tokens per rank")
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     ap.add_argument("--out", type=Path, default=None, help="CSV path (default benchmarks/results/...)")
+    ap.add_argument("--no-backward", action="store_true", help="forward GEMMs only (skip dgrad/wgrad)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("kernels_gpu: skip (no CUDA device)")
@@ -203,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         h, f, e, topk = MODELS[model]
         for tokens in args.tokens:
             for gemm, k, n in (("fc1", h, 2 * f), ("fc2", f, h)):
-                rows += bench_shape(gpu, model, gemm, tokens, k, n, e, topk)
+                rows += bench_shape(gpu, model, gemm, tokens, k, n, e, topk, backward=not args.no_backward)
                 torch.cuda.empty_cache()
     for r in rows:
         if r.note:
@@ -212,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     write_csv(rows, path)
     print(f"wrote {path}")
     worst = summarize(rows)
+    fwd_worst = summarize([r for r in rows if "." not in r.gemm], quiet=True)
+    print(f"grouped_gemm_fwd_ratio_min {fwd_worst:.3f}")
     print(f"grouped_gemm_ratio_min {worst:.3f}")
     return 0
 
