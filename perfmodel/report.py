@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from perfmodel import atomic
+from perfmodel.chrometrace import write_chrome_trace
 from perfmodel.layout import plan_layout
 from perfmodel.report_doc import Doc, breakdown_of, fill_sections, fixed_details
 from perfmodel.search import BREAKDOWN_KEYS, Row, SearchResult, default_simulate
@@ -85,27 +86,6 @@ def plan_yaml(row: Row, note: str) -> str:
     return f"# {note}\n" + yaml.safe_dump(data, sort_keys=False, default_flow_style=None)
 
 
-def chrome_trace(timeline: list[Any], name: str) -> dict[str, Any]:
-    """The timeline as Chrome trace JSON: one thread per track, times in microseconds."""
-    try:
-        from perfmodel import chrometrace
-
-        writer = getattr(chrometrace, "to_chrome", None) or getattr(chrometrace, "to_trace", None)
-        if writer is not None:
-            return writer(timeline, name=name)  # type: ignore[no-any-return]
-    except (ImportError, TypeError):
-        pass
-    tracks = sorted({e.track for e in timeline})
-    tid = {t: i + 1 for i, t in enumerate(tracks)}
-    events: list[dict[str, Any]] = [{"ph": "M", "name": "process_name", "pid": 1, "tid": 0,
-                                     "args": {"name": f"moeperf simulated: {name}"}}]
-    events += [{"ph": "M", "name": "thread_name", "pid": 1, "tid": tid[t], "args": {"name": t}} for t in tracks]
-    events += [{"ph": "X", "name": e.name, "cat": e.track.split("/")[-1], "pid": 1, "tid": tid[e.track],
-                "ts": round(e.start_s * 1e6, 3), "dur": round(e.dur_s * 1e6, 3), "args": e.args}
-               for e in timeline]
-    return {"traceEvents": events, "displayTimeUnit": "ms"}
-
-
 def summary_json(result: SearchResult, out: Path, top: int) -> dict[str, Any]:
     def one(r: Row) -> dict[str, Any]:
         return {"variant": r.variant, "name": r.plan.name, "status": r.status, "reason": r.reason,
@@ -136,7 +116,9 @@ def write_report(result: SearchResult, out: str | Path, *, top: int = 10, simula
                 f"{best.tokens_per_s / 1e6:.3f} M tokens/s, step {best.step_time_s:.3f} s, "
                 f"{res.get('mfu', best.metrics['mfu']) * 100:.1f} % MFU")
         atomic.write_text(out / "best_plan.yaml", plan_yaml(best, note))
-        atomic.write_json(out / "best_timeline.json", chrome_trace(traced.timeline, best.plan.name))
+        write_chrome_trace(out / "best_timeline.json", traced.timeline,
+                           {"study": result.study.name, "variant": best.variant, "plan": best.plan.name,
+                            "step_time_s": best.step_time_s, "tokens_per_s": best.tokens_per_s})
     details = fixed_details(result, fn)
     images = figs.draw_all(result, out, traced=traced, best=best, top=top)
     doc = Doc(f"moeperf search: {result.study.name}")

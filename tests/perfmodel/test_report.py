@@ -154,7 +154,9 @@ def test_default_study_is_package_data_and_the_repo_copy_is_the_same_file(tmp_pa
 def test_every_shipped_study_validates():
     for f in sorted((REPO / "studies").glob("*.yaml")):
         study, path, _ = load_study(str(f))
-        vs = study_variants(study, str(path), path.parent)
-        assert vs and study.search is not None, f
+        assert study_variants(study, str(path), path.parent), f
+    for name in (DEFAULT_STUDY, "what-if-network", "mixtral-8x7b-h100-64"):  # the search studies
+        study = load_study(str(REPO / "studies" / f"{name}.yaml"))[0]
+        assert study.search is not None and study.baseline and len(study.plans) >= 2, name
     what_if = load_study(str(REPO / "studies" / "what-if-network.yaml"))[0]
     assert len(what_if.variants) == 6
