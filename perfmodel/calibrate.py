@@ -13,6 +13,8 @@ Every fit is a straight line in the op's work, solved by least squares on relati
                   t = latency + bytes_per_rank / bw
   -> `collectives["all_to_all.ep"]` etc., per collective over all groups, and the fabric's
   latency and efficiency (median latency; rate / the cluster's link bandwidth);
+* framework overhead: step time outside every op span (Python glue, small unnamed ops) per
+  compute-op instance is added to `launch_overhead_us` (on CPU it is a large share of a step);
 * `comm_compute_slowdown`: how much slower GEMMs run in plans that overlap communication
   with compute than the fit of the plans that do not predicts (kept from the base profile
   when the traces cannot tell).
@@ -81,9 +83,13 @@ def _sig(x: float, digits: int = 6) -> float:
     return float(f"{x:.{digits}g}")
 
 
-def fit_profile(samples: list[Sample], base: ProfileSpec, sources: list[str],
-                link_bw_GBps: float | None = None) -> tuple[ProfileSpec, dict[str, dict[str, Any]]]:
-    """The calibrated profile and, per fit, its samples and line (for the figures)."""
+def fit_profile(samples: list[Sample], base: ProfileSpec, sources: list[str], link_bw_GBps: float | None = None,
+                overhead_s: float = 0.0) -> tuple[ProfileSpec, dict[str, dict[str, Any]]]:
+    """The calibrated profile and, per fit, its samples and line (for the figures).
+
+    `overhead_s`: step time outside every op span (Python and framework glue) per compute-op
+    instance; it joins the launch overhead, so the simulated step carries it too.
+    """
     if not samples:
         raise SpecError("calibrate: the traces hold no op the op graph knows (were ops wrapped in "
                         "record_function('op/phase')?)")
@@ -114,7 +120,8 @@ def fit_profile(samples: list[Sample], base: ProfileSpec, sources: list[str],
         if eff > 1:
             d["hbm_bw_GBps"], eff = _sig(rate / 1e9), 1.0
         d["memory_efficiency"] = {"max": _sig(min(1.0, eff)), "half_work": 0.0}
-        d["launch_overhead_us"] = _sig(launch_s * 1e6)
+    d["launch_overhead_us"] = _sig((launch_s + overhead_s) * 1e6)
+    resid["framework_overhead_us"] = _sig(overhead_s * 1e6, 4)
     # compute curves: the main dtype sets max/half_work, other dtypes their peak
     peaks = dict(d["peak_tflops"])
     for kind, field in CURVES.items():
@@ -240,8 +247,9 @@ def calibrate(run_dirs: list[str | Path], out: str | Path, base: str | None = No
               figures: bool = True) -> tuple[ProfileSpec, dict[str, dict[str, Any]]]:
     dirs = expand_dirs([str(d) for d in run_dirs])
     prof, bw = base_profile(dirs[0], base)
-    samples = collect(dirs)
-    profile, fits = fit_profile(samples, prof, [str(d) for d in dirs], bw)
+    samples, over = collect(dirs)
+    overhead = float(np.median(over)) if over else 0.0
+    profile, fits = fit_profile(samples, prof, [str(d) for d in dirs], bw, overhead)
     out = Path(out)
     atomic.write_text(out, profile_yaml(profile))
     if figures:

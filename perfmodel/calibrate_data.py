@@ -109,6 +109,19 @@ def _kind(op: Op) -> str:
     return op.kind
 
 
+def overhead_s_per_op(run_dir: str | Path, traces: list[RankTrace], plan: PlanSpec, world: int,
+                      graph: OpGraph) -> list[float]:
+    """Per rank: step time no op span claims (Python, framework, glue ops), per compute-op instance."""
+    out = []
+    for tr in traces:
+        rank = int(re.findall(r"\d+", Path(tr.path).name)[0])
+        ops = stage_ops(graph, stage_of(plan, world, rank))
+        n = sum(k for op, k in ops.values() if op.kind != "comm")
+        if n > 0 and tr.steps:
+            out.append(tr.unattributed_us * 1e-6 / tr.n_steps / n)
+    return out
+
+
 def samples_of_run(run_dir: str | Path) -> tuple[list[Sample], dict[str, Any], list[RankTrace]]:
     meta, traces = read_run(run_dir)
     where = str(run_dir)
@@ -141,11 +154,16 @@ def samples_of_run(run_dir: str | Path) -> tuple[list[Sample], dict[str, Any], l
     return out, meta, traces
 
 
-def collect(run_dirs: list[str | Path]) -> list[Sample]:
+def collect(run_dirs: list[str | Path]) -> tuple[list[Sample], list[float]]:
+    """Samples of every run, and the per-op framework overhead seen on each rank of each run."""
     out: list[Sample] = []
+    over: list[float] = []
     for d in run_dirs:
-        out += samples_of_run(d)[0]
-    return out
+        samples, meta, traces = samples_of_run(d)
+        out += samples
+        model, plan, world = run_specs(meta, str(d))
+        over += overhead_s_per_op(d, traces, plan, world, OpGraph(model, plan, world))
+    return out, over
 
 
 def measured_step_s(meta: dict[str, Any], traces: list[RankTrace]) -> float:

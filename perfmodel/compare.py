@@ -1,0 +1,170 @@
+"""Predicted vs measured: `moeperf compare STUDY [--out DIR]`.
+
+1. Every fixed plan of the study runs as real training on `world_size` local ranks (torchrun
+   of runtime.train with `--profile-steps`), unless `traces/<study>/<plan>/` already holds its
+   traces (`--rerun` forces new runs).
+2. The plans marked `calibrate: true` calibrate a profile (perfmodel.calibrate).
+3. Every plan is simulated with that profile; the held-out plans are the test.
+4. Written to DIR (default: beside the study, `<study>-compare/`): `per_step.csv`, `per_op.csv`
+   (predicted, measured, error %), `summary.json` (median/max held-out step-time error,
+   Kendall tau of the plan ranking), `report.md`, `profile.yaml` (+ fit PNGs),
+   `pred_vs_measured.png`, `per_op_scatter.png` and `timeline.json`: the simulated and the
+   measured timeline of one plan side by side (separate pids) for Perfetto.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from perfmodel.argparse_util import parser
+from perfmodel.calibrate import calibrate
+from perfmodel.calibrate_data import measured_step_s, stage_ops
+from perfmodel.compare_out import kendall_tau, write_outputs
+from perfmodel.opgraph import OpGraph
+from perfmodel.specs import ClusterSpec, ModelSpec, NamedPlan, SpecError, StudySpec, load_spec, with_overrides
+from perfmodel.trace_reader import RankTrace, read_run
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def study_specs(study: StudySpec) -> tuple[ModelSpec, ClusterSpec, int]:
+    model = load_spec(study.model, "model")
+    cluster = load_spec(study.cluster, "cluster")
+    world = study.world_size or cluster.world_size
+    if world != cluster.world_size:  # fewer local ranks than the cluster preset: one node of `world` ranks
+        cluster = with_overrides(cluster, {"nodes": 1, "gpus_per_node": world}, f"{study.name}: world_size")
+    return model, cluster, world
+
+
+def plan_of(study: StudySpec, p: NamedPlan) -> NamedPlan:
+    return p.model_copy(update={"global_batch": study.global_batch}) if study.global_batch else p
+
+
+def run_plan(model: ModelSpec, plan: NamedPlan, world: int, cluster: str, run_dir: Path, steps: int,
+             profile_steps: str, timeout_s: float = 600.0) -> None:
+    """Train `plan` on `world` local ranks for `steps` steps, tracing `profile_steps` into run_dir."""
+    with tempfile.TemporaryDirectory(prefix="moeperf-compare-") as tmp:
+        t = Path(tmp)
+        (t / "model.yaml").write_text(yaml.safe_dump(model.model_dump(mode="json")))
+        spec = {k: v for k, v in plan.model_dump(mode="json").items() if k != "calibrate"}
+        (t / "plan.yaml").write_text(yaml.safe_dump({**spec, "kind": "plan"}))
+        port = 29400 + (os.getpid() + hash(plan.name)) % 2000
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={world}",
+               f"--master-port={port}", "-m", "runtime.train", "--model", str(t / "model.yaml"),
+               "--plan", str(t / "plan.yaml"), "--steps", str(steps), "--out", str(t / "out"),
+               "--profile-steps", profile_steps, "--trace-dir", str(run_dir), "--cluster", cluster]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout_s)
+        if proc.returncode != 0:
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+            raise RuntimeError(f"plan {plan.name}: training failed (exit {proc.returncode}): {' | '.join(tail)}")
+
+
+def measured_ops(model: ModelSpec, plan: NamedPlan, world: int, traces: list[RankTrace]) -> dict[str, float]:
+    """Seconds per instance of each op event of a layer (mean over the ranks of stage 0)."""
+    graph = OpGraph(model, plan, world)
+    ops = stage_ops(graph, 0)
+    per: dict[str, list[float]] = {}
+    stage0 = traces if plan.pp == 1 else traces[: max(1, len(traces) // plan.pp)]
+    for tr in stage0:
+        for ev, sec in tr.op_seconds_per_step().items():
+            if ev in ops and ops[ev][1] > 0:
+                per.setdefault(ev, []).append(sec / ops[ev][1])
+    return {ev: statistics.fmean(v) for ev, v in per.items()}
+
+
+def compare(study_path: str, out: Path | None = None, traces_root: Path | None = None, steps: int = 8,
+            profile_steps: str = "5:6", rerun: bool = False, timeline_plan: str | None = None,
+            log=print) -> dict[str, Any]:
+    from perfmodel.sim import simulate
+
+    study = load_spec(study_path, "study")
+    model, cluster, world = study_specs(study)
+    cluster_ref = study.cluster if isinstance(study.cluster, str) else cluster.name
+    traces_root = traces_root or REPO / "traces"
+    out = out or Path(study_path).with_name(f"{Path(study_path).stem}-compare")
+    plans = [plan_of(study, p) for p in study.plans]
+    if not any(p.calibrate for p in plans):
+        raise SpecError(f"{study_path}: plans: no plan has calibrate: true (nothing to calibrate on)")
+    runs: dict[str, Path] = {}
+    failed: dict[str, str] = {}
+    for p in plans:
+        d = traces_root / study.name / p.name
+        if rerun or not (d / "meta.yaml").is_file():
+            log(f"running {p.name} on {world} ranks ...")
+            try:
+                run_plan(model, p, world, cluster_ref, d, steps, profile_steps)
+            except (RuntimeError, subprocess.TimeoutExpired) as exc:
+                failed[p.name] = str(exc)
+                log(f"  {exc}")
+                continue
+        runs[p.name] = d
+    cal = [runs[p.name] for p in plans if p.calibrate and p.name in runs]
+    if not cal:
+        raise RuntimeError("every calibration plan failed to run: " + "; ".join(failed.values()))
+    profile, _ = calibrate(cal, out / "profile.yaml")
+    rows, op_rows, timelines = [], [], {}
+    pick = timeline_plan or next((p.name for p in plans if not p.calibrate and p.name in runs), None)
+    for p in plans:
+        if p.name not in runs:
+            continue
+        meta, traces = read_run(runs[p.name])
+        measured = measured_step_s(meta, traces)
+        sim = simulate(model, cluster, p, profile, trace=p.name == pick)
+        err = 100.0 * (sim.step_time_s - measured) / measured if measured > 0 else float("nan")
+        rows.append({"plan": p.name, "held_out": not p.calibrate, "predicted_s": sim.step_time_s,
+                     "measured_s": measured, "error_pct": err})
+        pred_ops = sim.details.get("layer_ops", {}) or {}
+        for ev, m in sorted(measured_ops(model, p, world, traces).items()):
+            if ev in pred_ops and m > 0:
+                op_rows.append({"plan": p.name, "held_out": not p.calibrate, "event": ev,
+                                 "predicted_us": pred_ops[ev] * 1e6, "measured_us": m * 1e6,
+                                 "error_pct": 100.0 * (pred_ops[ev] - m) / m})
+        if p.name == pick:
+            timelines = {"plan": p.name, "sim": sim.timeline, "measured": traces}
+        log(f"  {p.name:<18} predicted {sim.step_time_s * 1e3:8.1f} ms  measured {measured * 1e3:8.1f} ms  "
+            f"error {err:+6.1f} %{'' if p.calibrate else '  (held out)'}")
+    held = [r for r in rows if r["held_out"]]
+    errs = [abs(r["error_pct"]) for r in held]
+    summary = {
+        "study": study.name, "world_size": world, "profile": str(out / "profile.yaml"),
+        "calibrated_on": [p.name for p in plans if p.calibrate and p.name in runs],
+        "held_out": [r["plan"] for r in held], "failed": failed,
+        "median_error_pct": statistics.median(errs) if errs else float("nan"),
+        "max_error_pct": max(errs) if errs else float("nan"),
+        "kendall_tau": kendall_tau([r["predicted_s"] for r in held], [r["measured_s"] for r in held]),
+        "kendall_tau_all": kendall_tau([r["predicted_s"] for r in rows], [r["measured_s"] for r in rows]),
+        "bars": {"median_error_pct": 10.0, "max_error_pct": 20.0, "kendall_tau": 0.8},
+    }
+    write_outputs(out, rows, op_rows, summary, timelines)
+    return summary
+
+
+def main(argv: list[str]) -> int:
+    ap = parser("compare", "run (or read traces of) a study's plans, calibrate on some, predict the rest")
+    ap.add_argument("study", metavar="STUDY")
+    ap.add_argument("--out", type=Path, default=None, help="output folder (default <study>-compare beside it)")
+    ap.add_argument("--traces", type=Path, default=None, help="traces root (default ./traces of the repo)")
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--profile-steps", default="5:6")
+    ap.add_argument("--rerun", action="store_true", help="run every plan even if its traces exist")
+    ap.add_argument("--timeline-plan", default=None, help="plan whose timelines go to timeline.json")
+    ap.add_argument("--json", action="store_true")
+    a = ap.parse_args(argv)
+    quiet = (lambda *_a, **_k: None) if a.json else print
+    summary = compare(a.study, a.out, a.traces, a.steps, a.profile_steps, a.rerun, a.timeline_plan, log=quiet)
+    if a.json:
+        print(json.dumps(summary, indent=1, default=str))
+    else:
+        print(f"held-out step-time error: median {summary['median_error_pct']:.1f} %, max "
+              f"{summary['max_error_pct']:.1f} %; Kendall tau {summary['kendall_tau']:.2f}")
+    return 0

@@ -1,0 +1,67 @@
+"""Calibration fits on synthetic samples recover the profile that generated them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from perfmodel.calibrate import fit_profile, linfit, plot_fits, profile_yaml
+from perfmodel.calibrate_data import Sample
+from perfmodel.cli import main as cli
+from perfmodel.hardware import Hardware
+from perfmodel.opgraph import Op
+from perfmodel.specs import load_spec, parse_spec
+from perfmodel.yamlsafe import loads as load_text
+
+
+def test_linfit_recovers_line_and_clamps():
+    w = np.array([1e3, 1e4, 1e5, 1e6])
+    a, b = linfit(w, 5e-6 + w * 2e-9)
+    assert a == pytest.approx(5e-6, rel=1e-6) and b == pytest.approx(2e-9, rel=1e-6)
+    a, b = linfit(w, np.full(4, 1e-3))  # flat: all latency
+    assert b <= 1e-20 and a == pytest.approx(1e-3)
+    a, b = linfit(np.array([10.0, 10.0]), np.array([2.0, 2.0]))  # one size: all rate
+    assert a == 0 and b == pytest.approx(0.2)
+
+
+def _samples(truth, base):
+    hw = Hardware.of(truth)
+    out = []
+    for i, m in enumerate([64, 128, 256, 512, 1024]):
+        g = Op("moe.fc1", "fwd", "gemm", flops=2.0 * m * 256 * 128, bytes=1.0, dtype="bf16", shape=(1, m, 256, 128))
+        mem = Op("moe.act", "fwd", "memory", bytes=m * 4096.0)
+        for op, kind in ((g, "gemm"), (mem, "memory")):
+            out.append(Sample("r", "p", 0, op.event, kind, op.dtype, op.flops, op.bytes, hw.compute_s(op), 1.0))
+        nbytes = 2.0**(12 + i)
+        out.append(Sample("r", "p", 0, "moe.dispatch_a2a/fwd", "comm", "bf16", 0.0, nbytes,
+                          40e-6 + nbytes / 2e9, 1.0, "all_to_all", "ep", 4))
+    return out
+
+
+def test_fit_profile_recovers_the_generating_profile(tmp_path):
+    base = load_spec("cpu", "profile")
+    d = base.model_dump()
+    d.update(gemm_efficiency={"max": 0.5, "half_work": 2e6}, memory_efficiency={"max": 0.6, "half_work": 0.0},
+             launch_overhead_us=30.0)
+    truth = parse_spec(d, "profile", "truth")
+    prof, fits = fit_profile(_samples(truth, base), base, ["runA"], link_bw_GBps=5.0)
+    assert prof.launch_overhead_us == pytest.approx(30.0, rel=1e-3)
+    assert prof.memory_efficiency.max == pytest.approx(0.6, rel=1e-3)
+    assert prof.gemm_efficiency.max == pytest.approx(0.5, rel=1e-3)
+    assert prof.gemm_efficiency.half_work == pytest.approx(2e6, rel=1e-2)
+    a2a = prof.collectives["all_to_all.ep"]
+    assert a2a.latency_us == pytest.approx(40.0, rel=1e-3) and a2a.bw_GBps == pytest.approx(2.0, rel=1e-3)
+    assert prof.fabrics["loopback"].efficiency == pytest.approx(0.4, rel=1e-3)
+    assert prof.calibrated_from == ["runA"] and prof.residuals["gemm.bf16.rms_rel_err"] < 1e-6
+    # the YAML round-trips through the profile schema; one PNG per fit
+    again = parse_spec(load_text(profile_yaml(prof), "p.yaml"), "profile", "p.yaml")
+    assert again == prof
+    pngs = plot_fits(fits, tmp_path, "cal")
+    assert len(pngs) == len(fits) and all(p.stat().st_size > 1000 for p in pngs)
+
+
+def test_calibrate_cli_bad_input_exit_2(tmp_path, capsys):
+    assert cli(["calibrate", str(tmp_path), "--out", str(tmp_path / "p.yaml")]) == 2
+    assert "no meta.yaml" in capsys.readouterr().err
+    assert not (tmp_path / "p.yaml").exists()
+    assert cli(["calibrate", "--out", str(tmp_path / "p.yaml")]) == 2
