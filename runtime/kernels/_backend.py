@@ -31,9 +31,8 @@ def _env_interpret() -> bool:
 
 # triton.jit picks interpreted or compiled when a kernel is *defined*, i.e. when the kernel
 # modules import; freezing the flag then keeps our decisions consistent with the kernel objects
-# even if the environment changes later (see enable_interpreter for switching on purpose).
+# even if the environment changes later.
 _INTERPRET = _env_interpret()
-_KERNEL_MODULES = ("fp8", "grouped_gemm", "permute", "swiglu")
 
 
 def interpret_mode() -> bool:
@@ -42,24 +41,19 @@ def interpret_mode() -> bool:
 
 
 def enable_interpreter() -> None:
-    """Set TRITON_INTERPRET=1 and, if the kernels were already defined compiled, redefine them.
+    """Set TRITON_INTERPRET=1 for this process, or fail clearly if it is too late to matter.
 
-    For CPU test sessions where something imported runtime.kernels before the variable was set;
-    reloading a module updates its globals in place, so the public functions pick up the
-    interpreted kernels.
+    triton decides interpreted vs compiled when triton.language is imported (its own helpers
+    such as tl.cdiv are jit functions), so the variable must be set before the first import of
+    triton; redefining our kernels afterwards would not help.
     """
     global _INTERPRET
     os.environ["TRITON_INTERPRET"] = "1"
-    if _INTERPRET:
+    if _INTERPRET or triton_import_error() is not None:
+        _INTERPRET = _INTERPRET or triton_import_error() is None
         return
-    _INTERPRET = True
-    import importlib
-    import sys
-
-    for name in _KERNEL_MODULES:
-        mod = sys.modules.get(f"{__package__}.{name}")
-        if mod is not None:
-            importlib.reload(mod)
+    raise RuntimeError("runtime.kernels (and triton) were imported before TRITON_INTERPRET=1 was set; "
+                       "set it before anything imports triton, e.g. at the top of a conftest.py")
 
 
 def triton_usable_on(device: torch.device) -> bool:

@@ -2,8 +2,8 @@
 
 import os
 
-# Must happen before triton.jit defines the kernels; enable_interpreter also covers the case
-# where another test module imported runtime.kernels first.
+# Must happen before anything imports triton (this directory is collected before the other
+# runtime tests); enable_interpreter fails with a clear message if it is already too late.
 os.environ["TRITON_INTERPRET"] = "1"
 
 from runtime.kernels._backend import enable_interpreter  # noqa: E402
