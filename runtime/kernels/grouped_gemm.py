@@ -223,7 +223,7 @@ def grouped_gemm_fp8_triton(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.T
     xq [M, K] e4m3, x_scale [M] fp32, wq [E, K, N] e4m3 (stored [E, N, K] and viewed transposed is
     fastest on Hopper: K-major B), w_scale [E, N] fp32.  Inference/benchmark path: no backward.
     """
-    offsets = counts_to_offsets(counts)
+    offsets = counts_to_offsets(counts.to(xq.device))
     out = torch.empty(xq.shape[0], wq.shape[2], dtype=out_dtype, device=xq.device)
     return _launch_fwd(xq, wq, offsets, out, (wq.stride(0), wq.stride(1), wq.stride(2)),
                        wq.shape[2], wq.shape[1], sa=x_scale.float().contiguous(), sb=w_scale.float())
@@ -237,7 +237,7 @@ class GroupedGemmFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        offsets = counts_to_offsets(counts)
+        offsets = counts_to_offsets(counts.to(x.device))  # routing counts may live on the host
         ctx.save_for_backward(x, w, offsets)
         return grouped_gemm_fwd_triton(x, w, offsets)
 
@@ -255,6 +255,8 @@ def grouped_gemm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, backend
     if x.dim() != 2 or w.dim() != 3 or x.shape[1] != w.shape[1] or counts.numel() != w.shape[0]:
         raise ValueError(f"grouped_gemm: x {tuple(x.shape)}, w {tuple(w.shape)}, counts {tuple(counts.shape)} "
                          "do not fit x [M, K], w [E, K, N], counts [E]")
+    if x.dtype != w.dtype:  # the kernel's dot needs one operand dtype; cast master weights first
+        raise ValueError(f"grouped_gemm: x is {x.dtype} but w is {w.dtype}")
     if resolve_backend(backend, x.device) == "torch":
         return grouped_gemm_torch(x, w, counts)
     return GroupedGemmFunction.apply(x, w, counts)

@@ -74,3 +74,8 @@ def test_scaled_epilogue_matches_reference():
 def test_shape_errors_are_clear():
     with pytest.raises(ValueError, match="grouped_gemm"):
         grouped_gemm(torch.zeros(4, 3), torch.zeros(2, 5, 6), torch.tensor([2, 2]), "triton")
+
+
+def test_dtype_mismatch_is_clear():
+    with pytest.raises(ValueError, match="float64"):
+        grouped_gemm(torch.zeros(2, 3), torch.zeros(1, 3, 4, dtype=torch.float64), torch.tensor([2]), "triton")
