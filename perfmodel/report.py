@@ -20,7 +20,7 @@ from typing import Any
 from perfmodel import atomic
 from perfmodel.chrometrace import write_chrome_trace
 from perfmodel.layout import plan_layout
-from perfmodel.report_doc import Doc, breakdown_of, fill_sections, fixed_details
+from perfmodel.report_doc import Doc, breakdown_of, fill_sections, fixed_details, fmt_gib, fmt_tokens
 from perfmodel.search import BREAKDOWN_KEYS, Row, SearchResult, default_simulate
 from perfmodel.specs import SpecError
 
@@ -55,10 +55,10 @@ def plan_fields(row: Row, model: Any, world: int) -> dict[str, Any]:
 def fmt_row(row: Row) -> dict[str, str]:
     m = row.metrics
     return {"name": row.plan.name, "variant": row.variant, "status": row.status,
-            "tokens_per_s": f"{m['tokens_per_s'] / 1e6:.3f} M" if m else "-",
+            "tokens_per_s": fmt_tokens(m["tokens_per_s"]) if m else "-",
             "mfu": f"{100 * m['mfu']:.1f} %" if m else "-",
             "step_time_s": f"{m['step_time_s']:.3f}" if m else "-",
-            "memory_GiB": f"{row.memory_GiB:.1f}" if row.memory_GiB is not None else "-"}
+            "memory_GiB": fmt_gib(row.memory_GiB)}
 
 
 def plans_csv(result: SearchResult) -> str:
@@ -113,7 +113,7 @@ def write_report(result: SearchResult, out: str | Path, *, top: int = 10, simula
         traced = fn(vb.model, vb.cluster, best.plan, vb.profile, trace=True)
         res = traced.to_json() if hasattr(traced, "to_json") else {}
         note = (f"best plan of study {result.study.name} (variant {best.variant}): predicted "
-                f"{best.tokens_per_s / 1e6:.3f} M tokens/s, step {best.step_time_s:.3f} s, "
+                f"{fmt_tokens(best.tokens_per_s)} tokens/s, step {best.step_time_s:.3f} s, "
                 f"{res.get('mfu', best.metrics['mfu']) * 100:.1f} % MFU")
         atomic.write_text(out / "best_plan.yaml", plan_yaml(best, note))
         write_chrome_trace(out / "best_timeline.json", traced.timeline,

@@ -119,17 +119,22 @@ def fixed_details(result: SearchResult, fn: Any) -> dict[int, dict[str, Any]]:
     return out
 
 
-def _mt(x: float) -> str:
-    return f"{x / 1e6:.3f} M"
+def fmt_tokens(x: float) -> str:
+    """Tokens/s for people: 1.410 M, 11.2 k, 950."""
+    return f"{x / 1e6:.3f} M" if x >= 1e6 else (f"{x / 1e3:.1f} k" if x >= 1e3 else f"{x:.0f}")
+
+
+def fmt_gib(x: float | None) -> str:
+    return "-" if x is None else (f"{x:.1f}" if x >= 10 else f"{x:.2f}")
 
 
 def _row_cells(r: Row) -> list[Any]:
     m, bd = r.metrics, breakdown_of(r.metrics)
     if not m:
         return [r.plan.name, r.status, "-", "-", "-", *["-"] * 5, "-"]
-    return [r.plan.name, r.status, _mt(m["tokens_per_s"]), f"{100 * m['mfu']:.1f}", f"{m['step_time_s']:.3f}",
+    return [r.plan.name, r.status, fmt_tokens(m["tokens_per_s"]), f"{100 * m['mfu']:.1f}", f"{m['step_time_s']:.3f}",
             *(f"{bd[k]:.3f}" for k in BREAKDOWN_KEYS if k != "other_s"),
-            f"{r.memory_GiB:.1f}" if r.memory_GiB is not None else "-"]
+            fmt_gib(r.memory_GiB)]
 
 
 ROW_HEADERS = ["plan", "status", "tokens/s", "MFU %", "step s", "compute s", "exp. comm s", "bubble s",
@@ -291,7 +296,7 @@ def fill_sections(doc: Doc, result: SearchResult, best: Row | None, details: dic
         for v in result.variants:
             rk = result.ranked(v.name)
             b = rk[0] if rk else None
-            rows.append([v.name, b.plan.name if b else "-", _mt(b.tokens_per_s) if b else "-",
+            rows.append([v.name, b.plan.name if b else "-", fmt_tokens(b.tokens_per_s) if b else "-",
                          f"{100 * b.metrics['mfu']:.1f}" if b else "-",
                          f"{b.tokens_per_s / ref_tps:.2f}x" if b and ref_tps else "-"])
         doc.table(["variant", "best plan", "tokens/s", "MFU %", f"vs {result.variants[0].name}"], rows)

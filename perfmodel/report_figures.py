@@ -62,6 +62,12 @@ def throughput_memory(result: SearchResult, best: Row | None, path: Path) -> Non
     if nofit:
         ax.scatter([r.memory_GiB for r in nofit], [r.tokens_per_s / 1e6 for r in nofit], s=14, marker="x",
                    color="#999999", label="simulated, does not fit")
+    for key, val in sorted(result.study.reference.items()):
+        metric, _, plan = key.partition(".")
+        if metric == "tokens_per_s" and plan:
+            ax.axhline(val / 1e6, color="#555555", ls=":", lw=1.2)
+            ax.annotate(f"paper: {plan} {val / 1e6:.2f} M", (0.01, val / 1e6), xycoords=("axes fraction", "data"),
+                        xytext=(0, 3), textcoords="offset points", fontsize=8, color="#333333")
     cap = result.variants[0].profile.memory_GiB
     ax.axvline(cap, color="#C44E52", ls="--", lw=1.2, label=f"GPU memory capacity {cap:g} GiB")
     for r in result.fixed(result.variants[0].name):
