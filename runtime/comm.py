@@ -10,7 +10,8 @@
   reduce-scatter is an all-to-all of bf16 shards followed by a local fp32 sum, all-reduce adds an
   all-gather of the bf16-rounded shard.  ``reduce_scatter_bf16`` / ``all_reduce_bf16`` are shorthands.
 - ``all_to_all_autograd``: differentiable all-to-all (fp8/bf16 forward, grads sent back with
-  swapped splits in ``grad_wire``), what the dispatcher calls inside the model.
+  swapped splits in ``grad_wire``), what the dispatcher calls inside the model;
+  ``all_to_all_autograd_async`` returns a handle whose ``wait()`` gives the differentiable output.
 - Every ``*_async`` variant returns a ``Pending`` whose ``wait()`` gives the result, so the
   caller can compute (shared expert, another micro-batch chunk) while bytes move.
 
@@ -192,6 +193,67 @@ def all_to_all_autograd(x: torch.Tensor, in_splits, out_splits, group=None, wire
         raise ValueError("grad_wire='fp8' is not supported: gradients go as bf16 or native")
     return _AllToAllFunction.apply(x, _splits(in_splits), _splits(out_splits), group, wire, grad_wire, block,
                                    stats or STATS, name, backend)
+
+
+@dataclass
+class _InFlight:
+    """What the start half of an async autograd all-to-all hands to the wait half."""
+
+    pending: Pending | None = None
+
+
+class _AllToAllStart(torch.autograd.Function):
+    """Launches the forward all-to-all and returns the (not yet filled) output buffer; its
+    backward is the reverse all-to-all of the gradient, as in _AllToAllFunction."""
+
+    @staticmethod
+    def forward(ctx, x, in_splits, out_splits, group, wire, grad_wire, block, stats, name, backend, state):
+        ctx.meta = (in_splits, out_splits, group, grad_wire, stats, name, backend)
+        state.pending = all_to_all_async(x, in_splits, out_splits, group, wire, block, stats, name + "/fwd", backend)
+        return x.new_empty(sum(out_splits), x.shape[1])
+
+    @staticmethod
+    def backward(ctx, dy):
+        return _AllToAllFunction.backward(ctx, dy)[:1] + (None,) * 10
+
+
+class _AllToAllWait(torch.autograd.Function):
+    """Waits, fills the buffer in place (so autograd links it to the start half); identity backward."""
+
+    @staticmethod
+    def forward(ctx, buf, state):
+        buf.copy_(state.pending.wait())
+        state.pending = None
+        ctx.mark_dirty(buf)
+        return buf
+
+    @staticmethod
+    def backward(ctx, dy):
+        return dy, None
+
+
+@dataclass
+class AllToAllHandle:
+    """An in-flight differentiable all-to-all: compute something independent, then ``wait()``."""
+
+    buf: torch.Tensor
+    state: _InFlight
+
+    def wait(self) -> torch.Tensor:
+        return _AllToAllWait.apply(self.buf, self.state)
+
+
+def all_to_all_autograd_async(x: torch.Tensor, in_splits, out_splits, group=None, wire: str = "fp8",
+                              grad_wire: str = "bf16", block: int | None = None, stats: CommStats | None = None,
+                              name: str = "all_to_all", backend: str = "auto") -> AllToAllHandle:
+    """Like all_to_all_autograd, but returns at once; the forward transfer overlaps whatever the
+    caller computes before ``handle.wait()`` (e.g. the shared expert).  Backward stays blocking."""
+    if grad_wire == "fp8":
+        raise ValueError("grad_wire='fp8' is not supported: gradients go as bf16 or native")
+    state = _InFlight()
+    buf = _AllToAllStart.apply(x, _splits(in_splits), _splits(out_splits), group, wire, grad_wire, block,
+                               stats or STATS, name, backend, state)
+    return AllToAllHandle(buf, state)
 
 
 # ------------------------------------------------------------------ gradient sync

@@ -83,6 +83,16 @@ def _check_autograd(rank: int, world: int) -> None:
     back, _ = comm.all_to_all(w, outs, ins)
     assert torch.equal(x.grad, back)
     assert set(stats.bytes_sent) == {"dispatch/fwd", "dispatch/bwd"}
+    # the async form: same output and gradient, with compute allowed between start and wait
+    x2 = x.detach().clone().requires_grad_()
+    handle = comm.all_to_all_autograd_async(x2, ins, outs, wire="fp8", grad_wire="native", stats=stats,
+                                            name="dispatch_async", backend="torch")
+    independent = torch.randn(64, 64) @ torch.randn(64, 64)  # stands in for the shared expert
+    y2 = handle.wait()
+    assert torch.equal(y2, y.detach()) and independent.shape == (64, 64)
+    (y2 * w).sum().backward()
+    assert torch.equal(x2.grad, back)
+    assert stats.bytes_sent["dispatch_async/fwd"] == stats.bytes_sent["dispatch/fwd"]
 
 
 def _check_grad_sync(rank: int, world: int) -> None:
