@@ -22,7 +22,7 @@ from perfmodel import atomic
 from perfmodel.argparse_util import parser
 from perfmodel.layout import plan_layout
 from perfmodel.specs import SpecError, load_spec
-from runtime.model import scale
+from runtime.model import check_supported, scale
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,6 +47,7 @@ def _args(argv: list[str]):
     ap.add_argument("--rdzv-endpoint", default=None, help="passed to torchrun (host:port); default standalone")
     ap.add_argument("--max-restarts", type=int, default=0, help="torchrun restarts; a restart resumes")
     ap.add_argument("--pg-timeout-s", type=float, default=120.0, help="collective timeout per process group")
+    ap.add_argument("--profile-steps", default=None, help="A:B: torch.profiler traces of steps A..B in <out>/traces/")
     ap.add_argument("--inject-failure", default=None, help=argparse_suppress())
     return ap.parse_args(argv)
 
@@ -76,6 +77,7 @@ def prepare(a) -> tuple[list[str], Path, int]:
     except ValueError:
         raise SpecError(f"--nnodes: {a.nnodes!r} is not N or MIN:MAX") from None
     plan_layout(plan, model, nproc * nnodes)  # SpecError naming the failing constraint
+    check_supported(plan)
     for p in a.data:
         if not Path(p).exists():
             raise SpecError(f"--data: {p}: no such file or folder")
@@ -100,6 +102,8 @@ def prepare(a) -> tuple[list[str], Path, int]:
         cmd += ["--resume"]
     if a.inject_failure:
         cmd += ["--inject-failure", a.inject_failure]
+    if a.profile_steps:
+        cmd += ["--profile-steps", a.profile_steps]
     return cmd, out, nproc * nnodes
 
 

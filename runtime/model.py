@@ -106,6 +106,12 @@ class Stage(nn.Module):
         return {int(i): b.ffn for i, b in self.layers.items() if isinstance(b.ffn, MoE)}
 
 
+def check_supported(plan: PlanSpec) -> None:
+    """Plan features the runtime does not execute and cannot silently ignore."""
+    if plan.etp != 1:
+        raise SpecError(f"plan.etp: {plan.etp}: expert tensor parallelism is not supported by the runtime; use etp: 1")
+
+
 def stage_ranges(layers: int, pp: int, vpp: int) -> list[tuple[int, int]]:
     """Layer range of every virtual stage, in pipeline order (stage v*pp + p lives on pp rank p)."""
     n = pp * vpp

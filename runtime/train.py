@@ -28,7 +28,7 @@ from perfmodel.specs import ModelSpec, PlanSpec, load_spec
 from runtime import checkpoint
 from runtime.data import Data, local_batch
 from runtime.groups import Parallel, build_parallel
-from runtime.model import build_stages, lm_loss, scale
+from runtime.model import build_stages, check_supported, lm_loss, scale
 from runtime.optim import ShardedAdamW, lr_at
 from runtime.pipeline import make_schedule, run_step
 from runtime.profiling import StepProfiler
@@ -81,6 +81,7 @@ def _step_stats(stages, spec: ModelSpec, loss: torch.Tensor, device) -> tuple[fl
 def train(cfg: TrainConfig, par: Parallel, device: torch.device) -> list[dict]:
     spec, plan = cfg.model, cfg.plan
     layout = plan_layout(plan, spec, par.world)
+    check_supported(plan)
     torch.manual_seed(cfg.seed)
     stages = build_stages(spec, plan, par, cfg.seed)
     modules = [m.to(device) for _, m in stages]

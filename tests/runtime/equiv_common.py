@@ -14,6 +14,10 @@ PLANS = {
     "dp2_ep2": dict(ep=2),
     "tp2_dp2": dict(tp=2),
     "pp2_dp2": dict(pp=2),
+    # beyond the list: interleaved pipeline, kv heads replicated over tp=4, full recompute
+    "pp2_vpp2": dict(pp=2, vpp=2, schedule="interleaved"),
+    "tp4_ep2": dict(tp=4, ep=2),
+    "sp2_ep2_recompute": dict(sp=2, ep=2, recompute="full"),
 }
 GLOBAL_BATCH, MICRO_BATCH = 8, 1
 

@@ -25,6 +25,7 @@ def _plan(tmp_path: Path, text: str) -> str:
     ("ep: 3\n", 4, "plan.ep*etp"),
     ("dp: 2\n", 4, "plan.dp"),
     ("sp: 8\n", 8, "plan.tp*sp"),
+    ("ep: 2\netp: 2\n", 4, "plan.etp"),
 ])
 def test_bad_plan_exits_2_before_launch(tmp_path, capsys, plan, nproc, needle):
     out = tmp_path / "out"
