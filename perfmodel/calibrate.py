@@ -43,14 +43,21 @@ from perfmodel.trace_reader import read_meta
 CURVES = {"gemm": "gemm_efficiency", "grouped_gemm": "grouped_gemm_efficiency", "attention": "attention_efficiency"}
 
 
-def linfit(w: np.ndarray, t: np.ndarray, intercept: float | None = None) -> tuple[float, float]:
-    """t ~ a + b*w minimising relative error; a >= 0, b > 0. A fixed `intercept` fits b only."""
+def linfit(w: np.ndarray, t: np.ndarray, intercept: float | None = None,
+           weight: np.ndarray | None = None) -> tuple[float, float]:
+    """t ~ a + b*w; a >= 0, b > 0. A fixed `intercept` fits b only.
+
+    Without `weight` the fit minimises relative error. With `weight` (instances per step) it is
+    weighted least squares on absolute time: with a free intercept its residuals then sum to
+    zero, so the fitted ops' total time per step is reproduced exactly (what a step time needs).
+    """
     w, t = np.asarray(w, float), np.asarray(t, float)
     ok = (t > 0) & np.isfinite(t) & np.isfinite(w) & (w >= 0)
+    wt = np.sqrt(np.asarray(weight, float)[ok]) / float(np.mean(t[ok])) if weight is not None and ok.any() else None
     w, t = w[ok], t[ok]
     if len(t) == 0:
         raise ValueError("no samples")
-    r = 1.0 / t
+    r = 1.0 / t if wt is None else wt
 
     def slope(a: float) -> float:
         num, den = float(np.sum((t - a) * w * r * r)), float(np.sum(w * w * r * r))
@@ -58,7 +65,7 @@ def linfit(w: np.ndarray, t: np.ndarray, intercept: float | None = None) -> tupl
 
     if intercept is None and len(np.unique(w)) >= 2:
         A = np.stack([r, w * r], axis=1)
-        (a, b), *_ = np.linalg.lstsq(A, np.ones_like(t), rcond=None)
+        (a, b), *_ = np.linalg.lstsq(A, t * r, rcond=None)
         if a >= 0 and b > 0:
             return float(a), float(b)
         if b <= 0:  # time does not grow with work: all latency
@@ -70,6 +77,28 @@ def linfit(w: np.ndarray, t: np.ndarray, intercept: float | None = None) -> tupl
     return a, slope(a)
 
 
+def hops(s: Sample) -> int:
+    """Latency steps of a collective as the simulator prices it on one node: pairwise all-to-all and
+    send/recv 1, ring all-gather/reduce-scatter n-1, ring all-reduce 2(n-1)."""
+    n = s.group_size
+    return {"all_to_all": 1, "send_recv": 1, "all_reduce": 2 * (n - 1)}.get(s.collective or "", max(1, n - 1))
+
+
+def _fabric_fit(comm: list[Sample]) -> tuple[float, float]:
+    """One fabric for every collective: t = latency * hops + bytes_per_rank / rate (relative LS)."""
+    h = np.array([hops(s) for s in comm], float)
+    w, t = _arrays(comm)
+    r = 1.0 / t
+    (lat, inv), *_ = np.linalg.lstsq(np.stack([h * r, w * r], axis=1), np.ones_like(t), rcond=None)
+    if inv <= 0:
+        inv = 1e-12
+        lat = float(np.median(t / h))
+    if lat < 0:
+        lat = 0.0
+        inv = float(np.sum(t * w * r * r) / max(np.sum(w * w * r * r), 1e-300))
+    return float(lat), 1.0 / max(float(inv), 1e-30)
+
+
 def rms_rel(w: np.ndarray, t: np.ndarray, a: float, b: float) -> float:
     pred = a + b * np.asarray(w, float)
     return float(np.sqrt(np.mean(((pred - t) / t) ** 2))) if len(t) else 0.0
@@ -77,6 +106,11 @@ def rms_rel(w: np.ndarray, t: np.ndarray, a: float, b: float) -> float:
 
 def _arrays(samples: list[Sample]) -> tuple[np.ndarray, np.ndarray]:
     return np.array([s.work for s in samples], float), np.array([s.seconds for s in samples], float)
+
+
+def _wfit(samples: list[Sample]) -> tuple[float, float]:
+    """Time-preserving fit (weights: instances per step)."""
+    return linfit(*_arrays(samples), weight=np.array([s.instances for s in samples], float))
 
 
 def _sig(x: float, digits: int = 6) -> float:
@@ -112,7 +146,7 @@ def fit_profile(samples: list[Sample], base: ProfileSpec, sources: list[str], li
     mem = [s for k, ss in groups.items() if k.startswith("memory.") for s in ss]
     launch_s = base.launch_overhead_us * 1e-6
     if mem:
-        a, b = linfit(*_arrays(mem))
+        a, b = _wfit(mem)
         launch_s = a
         record("memory", mem, a, b, "bytes")
         rate = 1.0 / b
@@ -133,7 +167,7 @@ def fit_profile(samples: list[Sample], base: ProfileSpec, sources: list[str], li
         eff_max = None
         for dt in [main] + [x for x in sorted(by_dtype) if x != main]:
             ss = by_dtype[dt]
-            a, b = linfit(*_arrays(ss))
+            a, b = _wfit(ss)
             record(f"{kind}.{dt}", ss, a, b, "flops")
             rate = 1.0 / b
             if dt == main:
@@ -162,23 +196,21 @@ def fit_profile(samples: list[Sample], base: ProfileSpec, sources: list[str], li
     for key, ss in sorted(groups.items()):
         if not key.startswith("comm."):
             continue
-        a, b = linfit(*_arrays(ss))
+        a, b = _wfit(ss)
         record(key, ss, a, b, "bytes")
         coll[key.removeprefix("comm.")] = {"latency_us": _sig(a * 1e6), "bw_GBps": _sig(max(1e-9, 1 / b / 1e9))}
         by_coll[ss[0].collective or "?"].extend(ss)
-    lat, rates = [], []
     for name, ss in sorted(by_coll.items()):
         a, b = linfit(*_arrays(ss))
         coll.setdefault(name, {"latency_us": _sig(a * 1e6), "bw_GBps": _sig(max(1e-9, 1 / b / 1e9))})
-        lat.append(a)
-        rates.append(1 / b)
-    if coll:
+    comm = [s for ss in by_coll.values() for s in ss]
+    if comm:
         d["collectives"] = coll
+        lat, rate = _fabric_fit(comm)
         fabric = next(iter(d["fabrics"]))
-        bw = link_bw_GBps or max(rates) / 1e9
+        bw = link_bw_GBps or rate / 1e9
         d["fabrics"] = {**d["fabrics"], fabric: {
-            "latency_us": _sig(float(np.median(lat)) * 1e6),
-            "efficiency": _sig(float(np.clip(np.median(rates) / (bw * 1e9), 1e-6, 1.0)))}}
+            "latency_us": _sig(lat * 1e6), "efficiency": _sig(float(np.clip(rate / (bw * 1e9), 1e-4, 1.0)))}}
     d.update(name=f"{base.name}-calibrated", source=f"calibrated by moeperf calibrate from {len(sources)} run(s)",
              calibrated_from=list(sources), residuals=dict(sorted(resid.items())))
     return parse_spec(d, "profile", "calibrated profile"), fits

@@ -10,6 +10,7 @@ instance's work.
 from __future__ import annotations
 
 import re
+import statistics
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -170,8 +171,7 @@ def measured_step_s(meta: dict[str, Any], traces: list[RankTrace]) -> float:
     """A run's step time: meta's unprofiled step times when recorded, else the traced steps (max over ranks)."""
     times = meta.get("step_times_s")
     if isinstance(times, list) and times and all(isinstance(t, (int, float)) for t in times):
-        s = sorted(float(t) for t in times)
-        return s[len(s) // 2]
+        return statistics.median(float(t) for t in times)
     per_rank = []
     for tr in traces:
         s = sorted(tr.step_times_s())

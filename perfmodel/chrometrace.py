@@ -56,3 +56,10 @@ def dumps(events: list[Any], metadata: dict[str, Any] | None = None) -> str:
 def write_chrome_trace(path: str | Path, events: list[Any], metadata: dict[str, Any] | None = None) -> Path:
     """Write atomically (a killed run leaves the old file or the new one, never half)."""
     return atomic.write_text(path, dumps(events, metadata))
+
+
+# Read side (one definition, in perfmodel/trace_reader.py): torch.profiler (CPU/CUDA) and simulated
+# traces -> op-graph event names and phases.
+from perfmodel.trace_reader import RankTrace, Span, load_events, read_run, read_trace  # noqa: E402
+
+__all__ = ["to_chrome_trace", "dumps", "write_chrome_trace", "RankTrace", "Span", "load_events", "read_run", "read_trace"]

@@ -168,7 +168,7 @@ def _rows(ev: dict[str, Any]) -> int | None:
 
 def _label_threads(threads: dict[Any, list[_Node]]) -> None:
     """Give every node its own label where it has one (named spans, backward nodes, wgrad matmuls)."""
-    fwd_of_seq: dict[tuple[Any, int], tuple[Label, int | None]] = {}
+    fwd_of_seq: dict[tuple[Any, int], tuple[Label | None, int | None]] = {}
     # pass 1: named spans; forward ops remember the label of the span they ran in (by sequence number)
     for (pid, _tid), roots in threads.items():
         def visit(n: _Node, inherited: Label | None, in_bwd: bool, pid: Any = pid) -> None:
@@ -179,7 +179,7 @@ def _label_threads(threads: dict[Any, list[_Node]]) -> None:
             cur = n.label or inherited
             in_bwd = in_bwd or n.name.startswith(_BWD)
             seq = (n.ev.get("args") or {}).get("Sequence number")
-            if cur is not None and isinstance(seq, int) and not in_bwd:
+            if isinstance(seq, int) and not in_bwd:  # unlabelled creators count too (their backward is unnamed)
                 # ops carry the number the next autograd node will get: the node's creator is the
                 # LAST forward op seen with it (earlier ones were non-differentiable)
                 key = (pid, seq)
@@ -200,7 +200,7 @@ def _label_threads(threads: dict[Any, list[_Node]]) -> None:
                 continue
             seq = (n.ev.get("args") or {}).get("Sequence number")
             hit = fwd_of_seq.get((pid, seq)) if isinstance(seq, int) else None
-            if hit is None:
+            if hit is None or hit[0] is None:
                 continue
             (op, _phase), rows = hit
             n.label = (op, "dgrad")
