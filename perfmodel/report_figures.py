@@ -67,7 +67,8 @@ def throughput_memory(result: SearchResult, best: Row | None, path: Path) -> Non
         if metric == "tokens_per_s" and plan:
             ax.axhline(val / 1e6, color="#555555", ls=":", lw=1.2)
             ax.annotate(f"paper: {plan} {val / 1e6:.2f} M", (0.01, val / 1e6), xycoords=("axes fraction", "data"),
-                        xytext=(0, 3), textcoords="offset points", fontsize=8, color="#333333")
+                        xytext=(0, 3), textcoords="offset points", fontsize=8, color="#333333",
+                        bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.8, "pad": 1})
     cap = result.variants[0].profile.memory_GiB
     ax.axvline(cap, color="#C44E52", ls="--", lw=1.2, label=f"GPU memory capacity {cap:g} GiB")
     for r in result.fixed(result.variants[0].name):
@@ -75,7 +76,8 @@ def throughput_memory(result: SearchResult, best: Row | None, path: Path) -> Non
             ax.scatter([r.memory_GiB], [r.tokens_per_s / 1e6], marker="D", s=60, color="#E5A800", edgecolor="k",
                        zorder=5)
             ax.annotate(f"fixed: {r.plan.name}", (r.memory_GiB, r.tokens_per_s / 1e6), xytext=(6, -12),
-                        textcoords="offset points", fontsize=9)
+                        textcoords="offset points", fontsize=9,
+                        bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.8, "pad": 1})
     if best is not None and best.memory_GiB is not None:
         ax.scatter([best.memory_GiB], [best.tokens_per_s / 1e6], marker="*", s=260, color="#C44E52",
                    edgecolor="k", zorder=6, label=f"best: {best.plan.name}")
@@ -83,7 +85,7 @@ def throughput_memory(result: SearchResult, best: Row | None, path: Path) -> Non
     ax.set_ylabel("predicted throughput (million tokens/s)")
     ax.set_title(f"{result.study.name}: throughput vs memory of every simulated plan")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.11), ncol=2, frameon=False)
     _save(fig, path)
 
 
