@@ -42,6 +42,7 @@ class FluidNet:
     _t: float = 0.0
     _gen: int = 0
     _comm_active: int = 0
+    _due: list[Job] = field(default_factory=list)
 
     # -------------------------------------------------------------- public
     def submit(self, work: float, resources: Iterable[Hashable], kind: str = "comm", tag: object = None) -> Job:
@@ -128,6 +129,10 @@ class FluidNet:
         dt = min(j.remaining / j.rate if j.rate > 0 else INF for j in self.active)
         if dt == INF:
             raise RuntimeError("fluid model: a job has no capacity to progress")
+        # the jobs that finish at this timer are decided now: after `now + dt` is rounded to
+        # the clock's float resolution their `remaining` may keep a residue that no further
+        # advance can remove (dt below now's ulp), which would loop forever on zero-length timers
+        self._due = [j for j in self.active if j.rate > 0 and j.remaining / j.rate <= dt * (1 + 1e-9)]
         ev = self.env.timeout(max(dt, 0.0))
         gen = self._gen
         ev.callbacks.append(lambda _e: self._on_timer(gen))
@@ -136,9 +141,10 @@ class FluidNet:
         if gen != self._gen:
             return  # superseded by a later arrival/departure
         self._advance()
+        due = set(map(id, self._due))
         still = []
         for j in self.active:
-            if j.remaining <= j.work * 1e-9 or j.rate == INF:
+            if id(j) in due or j.remaining <= j.work * 1e-9 or j.rate == INF:
                 self._comm_active -= j.kind == "comm"
                 j.remaining = 0.0
                 j.done.succeed(j)
