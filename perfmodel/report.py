@@ -111,10 +111,9 @@ def write_report(result: SearchResult, out: str | Path, *, top: int = 10, simula
     if best is not None:
         vb = next(v for v in result.variants if v.name == best.variant)
         traced = fn(vb.model, vb.cluster, best.plan, vb.profile, trace=True)
-        res = traced.to_json() if hasattr(traced, "to_json") else {}
         note = (f"best plan of study {result.study.name} (variant {best.variant}): predicted "
                 f"{fmt_tokens(best.tokens_per_s)} tokens/s, step {best.step_time_s:.3f} s, "
-                f"{res.get('mfu', best.metrics['mfu']) * 100:.1f} % MFU")
+                f"{best.metrics['mfu'] * 100:.1f} % MFU")
         atomic.write_text(out / "best_plan.yaml", plan_yaml(best, note))
         write_chrome_trace(out / "best_timeline.json", traced.timeline,
                            {"study": result.study.name, "variant": best.variant, "plan": best.plan.name,
@@ -125,4 +124,9 @@ def write_report(result: SearchResult, out: str | Path, *, top: int = 10, simula
     fill_sections(doc, result, best, details, images, top, result.variants[0])
     atomic.write_text(out / "report.md", doc.markdown())
     atomic.write_text(out / "report.html", doc.html(out))
+    # a previous run's files that this run did not produce would be stale: remove them
+    made = {f for f, _ in images} | ({"best_plan.yaml", "best_timeline.json"} if best is not None else set())
+    for name in ("best_plan.yaml", "best_timeline.json", *figs.FIGURES):
+        if name not in made:
+            (out / name).unlink(missing_ok=True)
     return out

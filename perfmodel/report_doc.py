@@ -317,6 +317,7 @@ def fill_sections(doc: Doc, result: SearchResult, best: Row | None, details: dic
     for file, caption in images:
         doc.img(file, caption)
     doc.h2("Files")
-    doc.bullets(["`plans.csv`: every plan with its fields, status, reason and predictions",
-                 "`best_plan.yaml`: the winner (`moeperf simulate --plan`, `moeperf run --plan`)",
-                 "`best_timeline.json`: the winner's simulated iteration (open in https://ui.perfetto.dev)"])
+    doc.bullets(["`plans.csv`: every plan with its fields, status, reason and predictions"]
+                + (["`best_plan.yaml`: the winner (`moeperf simulate --plan`, `moeperf run --plan`)",
+                    "`best_timeline.json`: the winner's simulated iteration (open in https://ui.perfetto.dev)"]
+                   if best is not None else []))

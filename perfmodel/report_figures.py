@@ -23,6 +23,7 @@ from perfmodel.report_doc import LABELS, breakdown_of  # noqa: E402
 from perfmodel.search import BREAKDOWN_KEYS, Row, SearchResult  # noqa: E402
 
 DPI = 110
+FIGURES = ("throughput_memory.png", "breakdown.png", "variants.png", "layer_gantt.png", "pipeline.png")
 COLORS = {"compute_s": "#4C72B0", "exposed_comm_s": "#DD8452", "bubble_s": "#BBBBBB", "grad_sync_s": "#C44E52",
           "optimizer_s": "#8172B3", "other_s": "#937860"}
 PHASE_COLORS = {"fwd": "#4C72B0", "dgrad": "#DD8452", "wgrad": "#55A868", "recompute": "#8172B3", "other": "#999999"}

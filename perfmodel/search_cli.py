@@ -120,7 +120,11 @@ def _print_table(result, top: int, out: Path) -> None:
     console = Console(width=max(150, Console().width))
     console.print(table)
     print(f"searched in {result.wall_s:.1f} s ({result.evaluated / max(result.wall_s, 1e-9):.1f} simulated plans/s)")
-    print(f"report: {out / 'report.html'} (and report.md, plans.csv, best_plan.yaml, best_timeline.json)")
+    if not shown:
+        print("no plan was simulated successfully and fits in memory: plans.csv gives each plan's status and reason")
+        print(f"report: {out / 'report.html'} (and report.md, plans.csv)")
+    else:
+        print(f"report: {out / 'report.html'} (and report.md, plans.csv, best_plan.yaml, best_timeline.json)")
 
 
 def main(argv: list[str]) -> int:

@@ -162,3 +162,19 @@ def test_every_shipped_study_validates():
         assert study.search is not None and study.baseline and len(study.plans) >= 2, name
     what_if = load_study(str(REPO / "studies" / "what-if-network.yaml"))[0]
     assert len(what_if.variants) == 6
+
+
+def test_a_space_without_any_valid_plan_reports_why_and_leaves_no_stale_best(tmp_path, capsys):
+    study = tmp_path / "allbad.yaml"
+    study.write_text("kind: study\nname: allbad\nmodel: mixtral-8x7b\ncluster: h100-dgx-64\nglobal_batch: 64\n"
+                     "search:\n  ep: [3, 5]\n")
+    out = tmp_path / "allbad"
+    out.mkdir()
+    (out / "best_plan.yaml").write_text("kind: plan\n")  # left by an earlier run
+    assert cli.main(["search", str(study), "--quiet"]) == 0
+    assert "no plan was simulated successfully" in capsys.readouterr().out
+    with open(out / "plans.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["status"] for r in rows] == ["invalid", "invalid"]
+    assert all("does not divide" in r["reason"] for r in rows)
+    assert not (out / "best_plan.yaml").exists() and (out / "report.md").is_file()
