@@ -187,6 +187,8 @@ def _evaluate(task: tuple[int, str, PlanSpec]) -> tuple[int, str, Any]:
         return idx, "ok", summarize(_WORKER["fn"](v.model, v.cluster, plan, v.profile))
     except SpecError as exc:
         return idx, "error", " ".join(str(exc).split())
+    except Exception as exc:  # noqa: BLE001 - one plan's simulator failure must not end the search
+        return idx, "error", " ".join(f"simulator failed: {type(exc).__name__}: {exc}".split())
 
 
 class _Pool:
@@ -207,9 +209,12 @@ class _Pool:
         chunk = max(1, -(-len(tasks) // (self.jobs * 3)))
         return self.pool.map(_evaluate, tasks, chunksize=chunk)
 
-    def close(self) -> None:
+    def close(self, ok: bool = True) -> None:
         if self.pool is not None:
-            self.pool.close()
+            if ok:
+                self.pool.close()
+            else:  # interrupted or failed: do not wait for the workers' queued chunks
+                self.pool.terminate()
             self.pool.join()
 
 
@@ -320,8 +325,10 @@ def run_search(study: StudySpec, variants: list[VariantParts], *, jobs: int | No
                 done += len(live)
                 if progress:
                     progress(done, todo)
-    finally:
-        pool.close()
+    except BaseException:
+        pool.close(ok=False)
+        raise
+    pool.close()
     return SearchResult(study=study, variants=variants, rows=rows, wall_s=time.perf_counter() - t0, merged=merged)
 
 

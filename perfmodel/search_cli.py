@@ -161,6 +161,10 @@ def main(argv: list[str]) -> int:
     else:
         result = run_search(study, variants, jobs=jobs, keep_top=max(10, args.top))
     write_report(result, out, top=args.top)
+    errors = result.counts().get("error", 0)
+    if errors:
+        print(f"moeperf search: warning: the simulator failed on {errors} plan(s); plans.csv has their "
+              "status 'error' and the message", file=sys.stderr)
     if args.json:
         print(json.dumps(summary_json(result, out, args.top), indent=1, sort_keys=True))
     else:

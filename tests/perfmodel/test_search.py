@@ -133,3 +133,16 @@ def test_default_study_space_is_large_and_mostly_valid():
     cands, _ = enumerate_space(study.search, study.global_batch)
     assert len(cands) >= 1000
     assert path is None
+
+
+def flaky_simulate(model, cluster, plan, profile=None, *, trace=False):
+    if plan.tp == 2 and not plan.name.startswith("base"):
+        raise ZeroDivisionError("boom")
+    return fake_simulate(model, cluster, plan, profile, trace=trace)
+
+
+def test_a_simulator_failure_marks_the_plan_and_the_search_goes_on(variants):
+    res = run_search(small_study(), variants, jobs=2, simulate_fn=flaky_simulate)
+    errs = [r for r in res.rows if r.status == "error"]
+    assert errs and all(r.plan.tp == 2 and "ZeroDivisionError: boom" in r.reason for r in errs)
+    assert res.ranked() and all(r.plan.tp == 1 or r.fixed for r in res.ranked())
