@@ -196,10 +196,11 @@ def paper_section(doc: Doc, result: SearchResult, details: dict[int, dict[str, A
     doc.table(["figure", "paper", "predicted", "error", f"within +-{TOLERANCE:.0%}"], rows)
     for what, err, target in misses:
         bd = breakdown_of(target.metrics)
-        total = sum(bd.values()) or 1.0
+        op_row = base if what.startswith("speedup") and base is not None and base.metrics else target
+        ob = breakdown_of(op_row.metrics)
+        total = sum(ob.values()) or 1.0
         parts = ", ".join(f"{LABELS[k]} {v:.3f} s ({100 * v / total:.0f} %)"
-                          for k, v in sorted(bd.items(), key=lambda kv: -kv[1]) if v > 0)
-        op_row = base if what.startswith("speedup") and base is not None else target
+                          for k, v in sorted(ob.items(), key=lambda kv: -kv[1]) if v > 0)
         ops = ", ".join(f"`{n}` {1e3 * s:.2f} ms" for n, s in top_ops(details.get(op_row.index, {})))
         side = "unknown" if err is None else ("below" if err < 0 else "above")
         gap = "" if err is None else f" by {abs(100 * err):.1f} %"
@@ -219,8 +220,8 @@ def paper_section(doc: Doc, result: SearchResult, details: dict[int, dict[str, A
                        f"{want:.2f} s; it is predicted at {base.step_time_s:.2f} s "
                        f"({base.step_time_s - want:+.2f} s). Predicted baseline minus "
                        f"`{target.plan.name}` per part: {deltas}.")
-        big = max(bd.items(), key=lambda kv: kv[1])[0] if bd else None
-        doc.p(f"**{what}** is {side} the paper{gap}.{implied} The predicted step of `{target.plan.name}` is made "
+        big = max(ob.items(), key=lambda kv: kv[1])[0] if ob else None
+        doc.p(f"**{what}** is {side} the paper{gap}.{implied} The predicted step of `{op_row.plan.name}` is made "
               f"of: {parts or 'n/a'}; the largest component, {LABELS.get(big or '', 'n/a')}, dominates the error "
               f"budget. Heaviest ops of one layer of `{op_row.plan.name}` (per micro-batch): "
               f"{ops or 'n/a (simulator gave no per-op times)'}.")
