@@ -26,7 +26,7 @@ from perfmodel.sim.layer import LayerRun, run_layer
 from perfmodel.sim.pipeline import run_pipeline
 from perfmodel.sim.result import SimResult
 from perfmodel.sim.timeline import build_timeline
-from perfmodel.specs import ClusterSpec, ModelSpec, PlanSpec, ProfileSpec
+from perfmodel.specs import ClusterSpec, CollectiveFit, ModelSpec, PlanSpec, ProfileSpec
 from perfmodel.topology import Topology, topology_for
 
 _GRAPHS: dict[tuple[str, str, int], OpGraph] = {}
@@ -48,13 +48,22 @@ class _Ctx:
     topo: Topology
     groups: dict[str, tuple[tuple[int, ...], ...]]
     reps: tuple[int, ...]  # representative rank of each stage
+    fits: dict[str, CollectiveFit]  # calibrated alpha-beta per "collective.group" or "collective"
 
     def group(self, kind: str, stage: int) -> tuple[int, ...]:
         return _group_of(self.groups, kind, self.reps[stage])
 
     def cost(self, op: Op, stage: int = 0) -> CollectiveCost:
         g = self.group(op.group or "", stage)
-        return collective_cost(self.topo, op.collective or "", g, op.imbalance, len(self.groups[op.group or ""]))
+        cost = collective_cost(self.topo, op.collective or "", g, op.imbalance, len(self.groups[op.group or ""]))
+        fit = self.fits.get(f"{op.collective}.{op.group}") or self.fits.get(op.collective or "")
+        if fit is None or op.bytes <= 0:
+            return cost
+        # a calibrated profile measured this collective on this kind of group: its alpha-beta
+        # (seconds = latency + bytes_per_rank * imbalance / bw) replaces the topology's estimate
+        per_payload = op.bytes_per_rank * op.imbalance / op.bytes
+        return CollectiveCost(fit.latency_us * 1e-6, per_payload / (fit.bw_GBps * 1e9), cost.link_class,
+                              f"{cost.algorithm}+calibrated")
 
 
 _GROUP_CACHE: dict[tuple[int, str, int], tuple[int, ...]] = {}
@@ -96,7 +105,7 @@ def simulate(model: ModelSpec, cluster: ClusterSpec, plan: PlanSpec, profile: Pr
     hw = Hardware.of(profile)
     topo = topology_for(cluster, profile)
     groups = rank_groups(plan, world)
-    ctx = _Ctx(topo, groups, _group_of(groups, "pp", 0))
+    ctx = _Ctx(topo, groups, _group_of(groups, "pp", 0), profile.collectives)
 
     runs: dict[str, tuple[LayerRun, LayerRun]] = {}
     for kind, lg in graph.layers.items():
