@@ -12,7 +12,10 @@ gradient (no averaging factors that depend on the plan).
 
 from __future__ import annotations
 
+import sys
+
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.profiler import record_function
@@ -46,7 +49,10 @@ class Block(nn.Module):
         self.is_moe = spec.is_moe_layer(i)
         if self.is_moe:
             wire = (plan.compression.dispatch, plan.compression.combine)
-            self.ffn: nn.Module = MoE(spec, par, f"{p}.moe", seed, plan.global_batch, get_expert_fn(plan.kernels), wire)
+            ov = plan.overlap
+            chunks = ov.chunks if ov.intra_op != "none" else (2 if ov.inter_op else 1)  # tile runs as chunk
+            self.ffn: nn.Module = MoE(spec, par, f"{p}.moe", seed, plan.global_batch, get_expert_fn(plan.kernels),
+                                      wire, plan.kernels, chunks, ov.inter_op)
         else:
             self.ffn = SwiGLU(f"{p}.ffn", spec.hidden, spec.dense_ffn_hidden or 0, spec.layers, seed)
         self.full_recompute = plan.recompute == "full"
@@ -110,6 +116,9 @@ def check_supported(plan: PlanSpec) -> None:
     """Plan features the runtime does not execute and cannot silently ignore."""
     if plan.etp != 1:
         raise SpecError(f"plan.etp: {plan.etp}: expert tensor parallelism is not supported by the runtime; use etp: 1")
+    if plan.overlap.intra_op == "tile" and (not dist.is_initialized() or dist.get_rank() == 0):
+        print(f"moeperf run: overlap.intra_op: tile has no tile-level GEMM+communication kernel in this runtime; "
+              f"running it as chunk ({plan.overlap.chunks} token chunks)", file=sys.stderr, flush=True)
 
 
 def stage_ranges(layers: int, pp: int, vpp: int) -> list[tuple[int, int]]:

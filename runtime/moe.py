@@ -30,6 +30,7 @@ from torch import nn
 from torch.profiler import record_function
 
 from perfmodel.specs import ModelSpec, SpecError
+from runtime import comm, overlap
 from runtime import parallel_ops as pops
 from runtime.groups import Parallel
 from runtime.params import Placement, make_param
@@ -63,15 +64,6 @@ def get_expert_fn(kernels: str) -> ExpertFn:
             return expert_ffn(x, tokens_per_expert, torch.cat([w1, w3], dim=-1), w2, backend="triton")
 
     return triton_expert_fn
-
-
-def _a2a(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group, wire: str) -> torch.Tensor:
-    """Token all-to-all, in `wire` precision ("bf16" = the activations' own dtype, or "fp8")."""
-    if wire == "fp8" and group is not None:
-        from runtime import comm  # compressed collectives (FP8 payload + scales)
-
-        return comm.all_to_all_autograd(x, in_splits, out_splits, group, wire="fp8", grad_wire="bf16")
-    return pops.all_to_all(x, out_splits, in_splits, group)
 
 
 class SwiGLU(nn.Module):
@@ -109,9 +101,12 @@ def in_backward() -> bool:
 
 class MoE(nn.Module):
     def __init__(self, spec: ModelSpec, par: Parallel, prefix: str, seed: int, global_batch: int,
-                 expert_fn: ExpertFn = torch_expert_fn, wire: tuple[str, str] = ("bf16", "bf16")):
+                 expert_fn: ExpertFn = torch_expert_fn, wire: tuple[str, str] = ("bf16", "bf16"),
+                 kernels: str = "torch", chunks: int = 1, defer_wgrad: bool = False):
         super().__init__()
         self.wire = wire  # (dispatch, combine) precision
+        self.kernels = kernels  # permute/unpermute (and deferred-wgrad GEMMs): torch or triton
+        self.chunks, self.defer_wgrad = chunks, defer_wgrad  # overlap (see runtime.overlap)
         moe = spec.moe
         assert moe is not None
         self.par, self.expert_fn = par, expert_fn
@@ -146,6 +141,55 @@ class MoE(nn.Module):
         shards = par.size("tp") * par.size("sp")  # every shard of a sequence computes the same aux_b
         return self.coeff * aux_b.sum() / (self.global_batch * shards)
 
+    def _permute(self, t: torch.Tensor, idx: torch.Tensor):
+        """-> (rows sorted by expert, counts [E], what unpermute needs)."""
+        if self.kernels == "triton":
+            from runtime.kernels import permute
+
+            xs, counts, row_map = permute(t, idx, self.E, backend="triton")
+            return xs, counts, row_map
+        n, h = t.shape
+        flat = idx.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        # k copies of each token in assignment order, then sorted by expert (a permutation, so
+        # its backward is a plain gather, deterministic on every device)
+        xs = t.unsqueeze(1).expand(n, self.k, h).reshape(n * self.k, h)[order]
+        return xs, torch.bincount(flat, minlength=self.E), order
+
+    def _unpermute(self, ys: torch.Tensor, back: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        if self.kernels == "triton":
+            from runtime.kernels import unpermute
+
+            return unpermute(ys, back, w, backend="triton")
+        ya = ys[torch.argsort(back)].view(w.shape[0], self.k, ys.shape[1])
+        return (ya * w.unsqueeze(-1).to(ya.dtype)).sum(1)
+
+    def _wires(self, device: torch.device) -> tuple[tuple[str, str], tuple[str, str]]:
+        """(wire, gradient wire) of dispatch and combine: fp8 as planned; "bf16" is the activations'
+        own dtype (bf16 under autocast on GPU, fp32 on CPU); gradients go back in bf16 or native."""
+        plain = "bf16" if torch.is_autocast_enabled(device.type) else "native"
+        return tuple((w, "bf16") if w == "fp8" else (plain, plain) for w in self.wire)  # type: ignore[return-value]
+
+    def _experts(self, xr: torch.Tensor, recv: torch.Tensor, handle) -> torch.Tensor:
+        """Expert compute on the received rows (ordered source rank, expert) -> same order."""
+        expert_of_row = torch.arange(self.El, device=xr.device).repeat(self.ep).repeat_interleave(recv.flatten())
+        regroup = torch.argsort(expert_of_row, stable=True)
+        if self.defer_wgrad:  # inter-op overlap: wgrad GEMMs run under the dispatch gradient all-to-all
+            y = overlap.experts(xr[regroup], recv.sum(0), self.w1, self.w3, self.w2, self.kernels,
+                                handle if self.ep > 1 else None)
+        else:
+            y = self.expert_fn(xr[regroup], recv.sum(0), self.w1, self.w3, self.w2)
+        return y[torch.argsort(regroup)]
+
+    def _send(self, x: torch.Tensor, ins: list[int], outs: list[int], which: int, name: str):
+        pg = self.par.pg("ep")
+        if pg is None:
+            return _Local(x)
+        wire, grad_wire = self._wires(x.device)[which]
+        if self.chunks == 1 and not self.defer_wgrad:  # no overlap: one blocking all-to-all
+            return _Local(comm.all_to_all_autograd(x, ins, outs, pg, wire, grad_wire, name=name))
+        return overlap.start_a2a(x, ins, outs, pg, wire, grad_wire, name)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, s, h = x.shape
         t = x.reshape(-1, h)
@@ -155,32 +199,48 @@ class MoE(nn.Module):
             w, idx = torch.topk(probs, self.k, dim=-1)
             w = w / w.sum(-1, keepdim=True)
             aux = self._aux(probs, idx, b)
+        # token chunks (intra-op overlap, or the two halves of inter-op overlap): chunk c+1's
+        # dispatch and chunk c-1's combine are in flight while chunk c's experts compute
+        nc = max(1, min(self.chunks, n))
+        cut = [n * c // nc for c in range(nc + 1)]
         with record_function("moe.permute/fwd"):
-            flat = idx.reshape(-1)
-            order = torch.argsort(flat, stable=True)
-            # k copies of each token in assignment order, then sorted by expert (a permutation, so
-            # its backward is a plain gather, deterministic on every device)
-            xs = t.unsqueeze(1).expand(n, self.k, h).reshape(n * self.k, h)[order]
-            counts = torch.bincount(flat, minlength=self.E)
-        ep_pg = self.par.pg("ep")
-        with record_function("moe.dispatch_a2a/fwd"):
-            recv = pops.exchange_counts(counts.view(self.ep, self.El), ep_pg)  # [src, local expert]
-            send_splits, recv_splits = counts.view(self.ep, self.El).sum(1).tolist(), recv.sum(1).tolist()
-            xr = _a2a(xs, recv_splits, send_splits, ep_pg, self.wire[0])
-        # received rows are ordered (source rank, expert); experts want them (expert, source)
-        expert_of_row = torch.arange(self.El, device=x.device).repeat(self.ep).repeat_interleave(recv.flatten())
-        regroup = torch.argsort(expert_of_row, stable=True)
-        y = self.expert_fn(xr[regroup], recv.sum(0), self.w1, self.w3, self.w2)
-        y = y[torch.argsort(regroup)]
-        with record_function("moe.combine_a2a/fwd"):
-            ys = _a2a(y, send_splits, recv_splits, ep_pg, self.wire[1])
+            parts = [self._permute(t[cut[c]:cut[c + 1]], idx[cut[c]:cut[c + 1]]) for c in range(nc)]
+        counts = torch.stack([p[1] for p in parts]).view(nc, self.ep, self.El)
+        with record_function("moe.dispatch_a2a/fwd"):  # every chunk's counts in one exchange
+            recv = pops.exchange_counts(counts.transpose(0, 1).contiguous(), self.par.pg("ep"))  # [src, c, El]
+        send_splits = counts.sum(2).tolist()  # [c][peer]
+        recv_splits = recv.sum(2).t().tolist()
+        dispatch = [self._send(parts[0][0], send_splits[0], recv_splits[0], 0, "moe.dispatch_a2a")]
+        shared = None
+        combine = []
+        for c in range(nc):
+            if c + 1 < nc:
+                dispatch.append(self._send(parts[c + 1][0], send_splits[c + 1], recv_splits[c + 1], 0,
+                                           "moe.dispatch_a2a"))
+            if c == 0 and self.defer_wgrad and self.shared is not None:
+                with record_function("moe.shared/fwd"):  # inter-op: under the first dispatch
+                    shared = self.shared(t)
+            y = self._experts(dispatch[c].wait(), recv[:, c], dispatch[c])
+            combine.append(self._send(y, recv_splits[c], send_splits[c], 1, "moe.combine_a2a"))
+        if self.shared is not None and shared is None:
+            with record_function("moe.shared/fwd"):  # under the combine all-to-alls in flight
+                shared = self.shared(t)
         with record_function("moe.unpermute/fwd"):
-            ya = ys[torch.argsort(order)].view(n, self.k, h)
-            out = (ya * w.unsqueeze(-1).to(ya.dtype)).sum(1)
-        if self.shared is not None:
-            with record_function("moe.shared/fwd"):
-                out = out + self.shared(t)
+            out = torch.cat([self._unpermute(combine[c].wait(), parts[c][2], w[cut[c]:cut[c + 1]])
+                             for c in range(nc)])
+        if shared is not None:
+            out = out + shared
         if not in_backward():  # a recomputed forward must not count twice
-            self.tokens_per_expert += counts.detach().float()
+            self.tokens_per_expert += counts.sum(0).flatten().detach().float()
             self.aux_sum += aux.detach()
         return _AttachAux.apply(out.view(b, s, h).to(x.dtype), aux)
+
+
+class _Local:
+    """A finished (or absent: one ep rank) transfer, with the handle's interface."""
+
+    def __init__(self, y: torch.Tensor):
+        self.y = y
+
+    def wait(self) -> torch.Tensor:
+        return self.y
