@@ -6,6 +6,7 @@ line and exit status 2 (internal failures exit 1).
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 # name -> (module exposing main(argv), one-line help)
@@ -25,8 +26,17 @@ USAGE = "usage: moeperf [-h] COMMAND [ARGS...]\n\ncommands:\n" + "".join(
 
 
 def _fail(msg: str) -> int:
-    print(f"moeperf: error: {msg}", file=sys.stderr)
+    print(f"moeperf: error: {' '.join(str(msg).split())}", file=sys.stderr)  # one line, always
     return 2
+
+
+def _internal(name: str, exc: BaseException) -> int:
+    """An unexpected exception: one line and exit 1 (MOEPERF_DEBUG=1 re-raises for the traceback)."""
+    if os.environ.get("MOEPERF_DEBUG"):
+        raise exc
+    print(f"moeperf {name}: internal error: {type(exc).__name__}: {' '.join(str(exc).split())[:500]} "
+          "(set MOEPERF_DEBUG=1 for the traceback)", file=sys.stderr)
+    return 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,6 +75,17 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except SystemExit as exc:  # argparse --help
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except MemoryError:
+        return _fail(f"{name}: out of memory (input too large?)")
+    except RecursionError:
+        return _fail(f"{name}: input nested too deeply")
+    except OSError as exc:  # disk full, permission denied, ... on an output path
+        where = f"{exc.filename}: " if exc.filename else ""
+        return _fail(f"{name}: {where}{exc.strerror or exc}")
+    except Exception as exc:  # noqa: BLE001 - the last line of defence: never a traceback
+        return _internal(name, exc)
 
 
 if __name__ == "__main__":

@@ -29,9 +29,10 @@ from perfmodel.argparse_util import parser
 from perfmodel.calibrate import calibrate
 from perfmodel.calibrate_data import measured_step_s, stage_ops
 from perfmodel.compare_out import kendall_tau, write_outputs
+from perfmodel.layout import plan_layout
 from perfmodel.opgraph import OpGraph
 from perfmodel.specs import ClusterSpec, ModelSpec, NamedPlan, SpecError, StudySpec, load_spec, with_overrides
-from perfmodel.trace_reader import RankTrace, read_run
+from perfmodel.trace_reader import RankTrace, read_meta, read_run
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -69,6 +70,38 @@ def run_plan(model: ModelSpec, plan: NamedPlan, world: int, cluster: str, run_di
             raise RuntimeError(f"plan {plan.name}: training failed (exit {proc.returncode}): {' | '.join(tail)}")
 
 
+def _differences(recorded: Any, expected: dict[str, Any]) -> list[str]:
+    if not isinstance(recorded, dict):
+        return ["(not recorded)"]
+    return sorted(k for k in set(recorded) | set(expected) if k != "calibrate" and recorded.get(k) != expected.get(k))
+
+
+def check_recorded(run_dir: Path, model: ModelSpec, plan: NamedPlan, world: int) -> None:
+    """Refuse traces recorded from another model, plan or world size than the study's (naming what differs)."""
+    meta = read_meta(run_dir)
+    want_plan = {k: v for k, v in plan.model_dump(mode="json").items() if k != "calibrate"}
+    got_plan = meta.get("plan")
+    if isinstance(got_plan, dict):
+        got_plan = {k: v for k, v in got_plan.items() if k != "calibrate"}
+    for what, got, want in (("model", meta.get("model"), model.model_dump(mode="json")), ("plan", got_plan, want_plan)):
+        diff = _differences(got, want)
+        if diff:
+            raise SpecError(f"{run_dir}/meta.yaml: recorded with a different {what} than the study's "
+                            f"{plan.name!r} ({what}.{', '.join(diff[:4])} differ); pass --rerun or remove {run_dir}")
+    if meta.get("world_size") != world:
+        raise SpecError(f"{run_dir}/meta.yaml: recorded on world_size {meta.get('world_size')!r}, the study "
+                        f"runs {world} ranks; pass --rerun or remove {run_dir}")
+
+
+def _profile_steps(arg: str, steps: int) -> None:
+    try:
+        a, b = (int(x) for x in str(arg).split(":"))
+    except ValueError:
+        raise SpecError(f"--profile-steps: expected A:B (e.g. 5:6), got {arg!r}") from None
+    if not 1 <= a <= b <= steps:
+        raise SpecError(f"--profile-steps: need 1 <= A <= B <= --steps ({steps}), got {arg!r}")
+
+
 def measured_ops(model: ModelSpec, plan: NamedPlan, world: int, traces: list[RankTrace]) -> dict[str, float]:
     """Seconds per instance of each op event of a layer (mean over the ranks of stage 0)."""
     graph = OpGraph(model, plan, world)
@@ -95,6 +128,17 @@ def compare(study_path: str, out: Path | None = None, traces_root: Path | None =
     plans = [plan_of(study, p) for p in study.plans]
     if not any(p.calibrate for p in plans):
         raise SpecError(f"{study_path}: plans: no plan has calibrate: true (nothing to calibrate on)")
+    if timeline_plan is not None and timeline_plan not in {p.name for p in plans}:
+        raise SpecError(f"--timeline-plan: {timeline_plan!r} is not a plan of {study_path}")
+    for p in plans:  # every plan must lay out on the world before anything runs
+        try:
+            plan_layout(p, model, world)
+        except SpecError as exc:
+            raise SpecError(f"{study_path}: plan {p.name!r}: {exc}") from None
+    for p in plans:  # recorded traces must be of this model, plan and world size
+        d = traces_root / study.name / p.name
+        if not rerun and (d / "meta.yaml").is_file():
+            check_recorded(d, model, p, world)
     runs: dict[str, Path] = {}
     failed: dict[str, str] = {}
     for p in plans:
@@ -160,6 +204,12 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--timeline-plan", default=None, help="plan whose timelines go to timeline.json")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
+    if not 1 <= a.steps <= 10**6:
+        raise SpecError(f"--steps: {a.steps} must be between 1 and 1000000")
+    _profile_steps(a.profile_steps, a.steps)
+    for flag, path in (("--out", a.out), ("--traces", a.traces)):
+        if path is not None and path.exists() and not path.is_dir():
+            raise SpecError(f"{flag}: {path} exists and is not a folder")
     quiet = (lambda *_a, **_k: None) if a.json else print
     summary = compare(a.study, a.out, a.traces, a.steps, a.profile_steps, a.rerun, a.timeline_plan, log=quiet)
     if a.json:

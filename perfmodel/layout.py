@@ -16,6 +16,8 @@ from functools import lru_cache
 
 from perfmodel.specs import ModelSpec, PlanSpec, SpecError
 
+MAX_SCHEDULE_CHUNKS = 1 << 16  # micro-batches x pp x vpp: far beyond real plans, bounded so no input hangs
+
 
 @dataclass(frozen=True)
 class Layout:
@@ -72,6 +74,9 @@ def plan_layout(plan: PlanSpec, model: ModelSpec, world: int) -> Layout:
         if not ok:
             raise SpecError(msg)
     microbatches = plan.global_batch // (plan.micro_batch * dp)
+    if microbatches * pp * plan.vpp > MAX_SCHEDULE_CHUNKS:  # the pipeline schedule is O(m * pp * vpp)
+        raise SpecError(f"plan.global_batch: {microbatches} micro-batches per replica x pp*vpp={pp * plan.vpp} "
+                        f"is more than {MAX_SCHEDULE_CHUNKS} scheduled chunks per step; raise micro_batch")
     if plan.schedule == "interleaved" and pp > 1 and microbatches % pp:
         raise SpecError(f"plan.schedule: interleaved needs microbatches ({microbatches}) to be a multiple of pp={pp}")
     return Layout(world=world, tp=tp, sp=sp, dp=dp, pp=pp, vpp=plan.vpp, ep=ep, etp=etp,

@@ -12,6 +12,7 @@ the closed connection, and every process group has a timeout), and we exit 1 nam
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -22,7 +23,9 @@ from perfmodel import atomic
 from perfmodel.argparse_util import parser
 from perfmodel.layout import plan_layout
 from perfmodel.specs import SpecError, load_spec
+from runtime import checkpoint
 from runtime.model import check_supported, scale
+from runtime.profiling import parse_steps
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,15 +61,29 @@ def argparse_suppress() -> str:
     return argparse.SUPPRESS  # RANK:STEP, raise there: for testing failure handling
 
 
-def _positive(name: str, value: int | float | None) -> None:
-    if value is not None and value <= 0:
-        raise SpecError(f"{name}: {value} must be positive")
+def _positive(name: str, value: int | float | None, most: float = 1e9) -> None:
+    if value is not None and not (math.isfinite(value) and 0 < value <= most):
+        raise SpecError(f"{name}: {value} must be a positive number (at most {most:g})")
+
+
+def _check_args(a) -> None:
+    """Every flag's range, before anything is loaded or written."""
+    for name, most in (("nproc", 1024), ("steps", 1e9), ("layers", 1e5), ("seq_len", 1e7), ("lr", 1e3),
+                       ("pg_timeout_s", 1e6), ("scale", 1e3)):
+        _positive(f"--{name.replace('_', '-')}", getattr(a, name), most)
+    for name, most in (("warmup", 1e9), ("ckpt_every", 1e9), ("max_restarts", 1000)):
+        if not 0 <= getattr(a, name) <= most:
+            raise SpecError(f"--{name.replace('_', '-')}: {getattr(a, name)} must be between 0 and {most:g}")
+    if not 0 <= a.seed < 2**63:
+        raise SpecError(f"--seed: {a.seed} must be between 0 and 2**63-1")
+    parse_steps(a.profile_steps)
+    if a.out is not None and a.out.exists() and not a.out.is_dir():
+        raise SpecError(f"--out: {a.out} exists and is not a folder")
 
 
 def prepare(a) -> tuple[list[str], Path, int]:
     """Validate everything and build the torchrun command; nothing is launched."""
-    for name in ("nproc", "steps", "layers", "seq_len", "lr", "pg_timeout_s"):
-        _positive(f"--{name.replace('_', '-')}", getattr(a, name))
+    _check_args(a)
     model = load_spec(a.model, "model")
     if a.scale != 1.0 or a.layers or a.seq_len:
         model = scale(model, a.scale, a.layers, a.seq_len)
@@ -84,6 +101,8 @@ def prepare(a) -> tuple[list[str], Path, int]:
     out = a.out or Path("runs") / f"{model.name}-{plan.name}"
     if a.resume and not (out / "ckpt").is_dir():
         raise SpecError(f"--resume: {out}/ckpt has no checkpoint to resume from")
+    if a.resume and checkpoint.latest_good(out / "ckpt", log=False) is None:  # SpecError if all are corrupt
+        raise SpecError(f"--resume: {out}/ckpt has no complete checkpoint to resume from")
     atomic.write_text(out / "model.yaml", model.model_dump_json(indent=1) + "\n")  # JSON is YAML
     atomic.write_text(out / "plan.yaml", plan.model_dump_json(indent=1) + "\n")
     shutil.rmtree(out / "failures", ignore_errors=True)
@@ -109,7 +128,12 @@ def prepare(a) -> tuple[list[str], Path, int]:
 
 def summarise(out: Path) -> dict:
     path = out / "metrics.jsonl"
-    recs = [json.loads(ln) for ln in path.read_text().splitlines() if ln] if path.exists() else []
+    recs = []
+    for ln in path.read_text().splitlines() if path.exists() else []:
+        try:
+            recs.append(json.loads(ln))
+        except ValueError:  # a torn line from a killed attempt
+            continue
     if not recs:
         return {}
     timed = recs[1:] or recs  # the first step includes start-up (allocations, connections)
@@ -119,17 +143,68 @@ def summarise(out: Path) -> dict:
             "step_time_s": sum(r["step_time_s"] for r in timed) / len(timed)}
 
 
-def failure_reason(out: Path, rc: int) -> str:
-    """The first rank that failed (earliest report), and which others went down after it."""
+SIGNALS = {-6: "SIGABRT", -7: "SIGBUS", -9: "SIGKILL", -11: "SIGSEGV", -15: "SIGTERM"}
+
+
+def torchrun_exits(log: str) -> dict[int, int]:
+    """rank -> exit code from torchrun's failure summary (`rank : 2 (local_rank: 2)` / `exitcode : -9 ...`)."""
+    out: dict[int, int] = {}
+    rank = None
+    for line in log.splitlines():
+        key, _, val = line.strip().partition(":")
+        key = key.strip()
+        if key == "rank" and val.strip().split(" ")[0].isdigit():
+            rank = int(val.strip().split(" ")[0])
+        elif key == "exitcode" and rank is not None:
+            try:
+                out.setdefault(rank, int(val.strip().split(" ")[0]))
+            except ValueError:
+                pass
+            rank = None
+    return out
+
+
+def failure_reason(out: Path, rc: int, log: str = "") -> str:
+    """The rank that failed first, and which others went down after it.
+
+    A rank killed by a signal (kill -9, OOM killer, segfault) writes no report, while the ranks it
+    leaves behind report connection errors: so a rank that torchrun saw die of a signal other than
+    its own SIGTERM, without a report, is named first. Otherwise the earliest report wins."""
     reports = []
     for f in (out / "failures").glob("rank*.txt") if (out / "failures").is_dir() else []:
         stamp, _, msg = f.read_text().strip().partition(" ")
-        reports.append((float(stamp), msg))
+        try:
+            reports.append((float(stamp), msg))
+        except ValueError:
+            continue
+    reports.sort()
+    reported = {m.split(" failed")[0] for _, m in reports}
+    killed = sorted(r for r, code in torchrun_exits(log).items()
+                    if code < 0 and code != -15 and f"rank {r}" not in reported)
+    if killed:
+        code = torchrun_exits(log)[killed[0]]
+        others = [f"rank {r}" for r in killed[1:]] + [m.split(" failed")[0] for _, m in reports]
+        return (f"rank {killed[0]} died: killed by {SIGNALS.get(code, f'signal {-code}')} (exit code {code}) "
+                f"without an error report" + (f" (then: {', '.join(others)})" if others else ""))
     if not reports:
         return f"torchrun exited with status {rc} (see the log above for the failed rank)"
-    reports.sort()
     others = [m.split(" failed")[0] for _, m in reports[1:]]
     return reports[0][1] + (f" (then: {', '.join(others)})" if others else "")
+
+
+def _launch(cmd: list[str], env: dict[str, str]) -> tuple[int, str]:
+    """Run torchrun, passing its stderr through live and keeping the tail for failure_reason."""
+    from collections import deque
+
+    tail: deque[str] = deque(maxlen=4000)
+    with subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, errors="replace") as proc:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            sys.stderr.write(line)
+            tail.append(line)
+        rc = proc.wait()
+    sys.stderr.flush()
+    return rc, "".join(tail)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -138,9 +213,9 @@ def main(argv: list[str] | None = None) -> int:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     env.setdefault("OMP_NUM_THREADS", "1")  # one thread per rank: ranks share the cores
     print(f"moeperf run: {world} ranks, out {out}", flush=True)
-    rc = subprocess.run(cmd, env=env).returncode
+    rc, log = _launch(cmd, env)
     if rc != 0:
-        print(f"moeperf run: error: {failure_reason(out, rc)}", file=sys.stderr, flush=True)
+        print(f"moeperf run: error: {failure_reason(out, rc, log)}", file=sys.stderr, flush=True)
         return 1
     s = summarise(out)
     if s:
