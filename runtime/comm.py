@@ -341,3 +341,16 @@ def all_reduce(grad: torch.Tensor, group=None, wire_dtype: torch.dtype = torch.f
 def all_reduce_bf16(grad: torch.Tensor, group=None, average: bool = False, stats: CommStats | None = None,
                     name: str = "all_reduce_bf16") -> tuple[torch.Tensor, int]:
     return all_reduce(grad, group, torch.bfloat16, average, stats, name)
+
+
+def step_bytes(stats: CommStats | None = None, device=None) -> dict[str, int]:
+    """Bytes the whole job sent since ``stats`` was last reset (summed over ranks when distributed):
+    ``a2a_bytes`` (MoE dispatch + combine all-to-alls, forward and backward), ``a2a_fwd_bytes``
+    (forward only: where fp8 applies) and ``grad_sync_bytes`` (data-parallel gradient sync)."""
+    b = (stats or STATS).bytes_sent
+    a2a = [v for k, v in b.items() if k.startswith(("moe.dispatch_a2a", "moe.combine_a2a"))]
+    fwd = [v for k, v in b.items() if k.startswith(("moe.dispatch_a2a", "moe.combine_a2a")) and k.endswith("/fwd")]
+    t = torch.tensor([sum(a2a), sum(fwd), b.get("dp.grad_sync", 0)], dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return {"a2a_bytes": int(t[0]), "a2a_fwd_bytes": int(t[1]), "grad_sync_bytes": int(t[2])}

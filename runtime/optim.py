@@ -6,8 +6,10 @@ the data-parallel kind (`dp`, or `edp` for experts). Each bucket is one flat fp3
 - plan.distributed_optimizer: reduce-scatter over the data-parallel group, AdamW on this
   rank's shard of the master weights, all-gather the updated weights (ZeRO-1 style).
 - otherwise: all-reduce, every rank steps the whole master copy.
-plan.compression.grad_sync == "bf16" sends the gradient in bf16 (halves the bytes) and sums
-into fp32 again on arrival. The global gradient norm for clipping counts each distinct
+plan.compression.grad_sync == "bf16" sends the gradient in bf16 (halves the bytes) through
+runtime.comm's reduce-scatter/all-reduce, which sum the bf16 chunks in fp32 (fp32 master weights).
+Bytes sent land in runtime.comm.STATS under "dp.grad_sync" (both wires).
+The global gradient norm for clipping counts each distinct
 gradient element once: a shard's squared norm is divided by the number of ranks holding it.
 """
 
@@ -21,6 +23,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.profiler import record_function
 
+from runtime import comm
 from runtime.groups import Parallel
 from runtime.params import Placement, placement
 
@@ -61,12 +64,13 @@ class Bucket:
 
 
 def _sum(t: torch.Tensor, pg, bf16: bool) -> torch.Tensor:
+    """All-reduce (sum) of a flat fp32 gradient; bf16: runtime.comm's bf16 wire summed in fp32."""
     if pg is None:
         return t
     if bf16:
-        low = t.to(torch.bfloat16)
-        dist.all_reduce(low, group=pg)
-        return low.float()
+        return comm.all_reduce(t, pg, torch.bfloat16, name="dp.grad_sync")[0]
+    w = dist.get_world_size(pg)
+    comm.STATS.add("dp.grad_sync", 2 * (w - 1) * -(-t.numel() // w) * t.element_size())
     dist.all_reduce(t, group=pg)
     return t
 
@@ -74,6 +78,7 @@ def _sum(t: torch.Tensor, pg, bf16: bool) -> torch.Tensor:
 def _reduce_scatter_flat(out: torch.Tensor, inp: torch.Tensor, pg) -> None:
     # torch 2.13 renamed reduce_scatter_tensor (deprecated there); 2.11 only has the old name
     fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    comm.STATS.add("dp.grad_sync", (dist.get_world_size(pg) - 1) * out.numel() * out.element_size())
     fn(out, inp, group=pg)
 
 
@@ -109,11 +114,12 @@ class ShardedAdamW:
                 flat = b.flat_grad()
                 for kind in b.place.reduce:
                     flat = _sum(flat, self.par.pg(kind), self.grad_bf16)
-                if b.shard_n > 1:
-                    send = flat.to(torch.bfloat16) if self.grad_bf16 else flat
-                    out = send.new_empty(b.master.numel())
-                    _reduce_scatter_flat(out, send, b.shard_pg)
-                    b.master.grad = out.float()
+                if b.shard_n > 1 and self.grad_bf16:  # bf16 wire, fp32 sum (runtime.comm)
+                    b.master.grad = comm.reduce_scatter(flat, b.shard_pg, torch.bfloat16, name="dp.grad_sync")[0]
+                elif b.shard_n > 1:
+                    out = flat.new_empty(b.master.numel())
+                    _reduce_scatter_flat(out, flat, b.shard_pg)
+                    b.master.grad = out
                 else:
                     flat = _sum(flat, b.shard_pg, self.grad_bf16)  # all-reduce (None: one rank)
                     b.master.grad = flat.clone()
