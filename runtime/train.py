@@ -25,7 +25,7 @@ from perfmodel import atomic
 from perfmodel.argparse_util import parser
 from perfmodel.layout import plan_layout
 from perfmodel.specs import ModelSpec, PlanSpec, load_spec
-from runtime import checkpoint, comm
+from runtime import checkpoint, comm, faults
 from runtime.data import Data, local_batch
 from runtime.groups import Parallel, build_parallel
 from runtime.model import build_stages, check_supported, lm_loss, scale
@@ -78,6 +78,14 @@ def _step_stats(stages, spec: ModelSpec, loss: torch.Tensor, device) -> tuple[fl
     return float(packed[0]), float(packed[1]), int(packed[2:].max()) if e else 0
 
 
+def _step_of(line: str) -> float:
+    """The step of a metrics line; a torn last line (killed mid-append) counts as never written."""
+    try:
+        return float(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
+
+
 def train(cfg: TrainConfig, par: Parallel, device: torch.device) -> list[dict]:
     spec, plan = cfg.model, cfg.plan
     layout = plan_layout(plan, spec, par.world)
@@ -111,12 +119,12 @@ def train(cfg: TrainConfig, par: Parallel, device: torch.device) -> list[dict]:
     ckpt_dir = cfg.out / "ckpt" if cfg.out else None
     if cfg.out:
         metrics_path = cfg.out / "metrics.jsonl"
-    if cfg.resume and ckpt_dir and (found := checkpoint.latest(ckpt_dir)):
+    if cfg.resume and ckpt_dir and (found := checkpoint.latest_good(ckpt_dir, log=par.rank == 0)):
         start = checkpoint.load(found, state, meta)
         opt.after_load()
         torch.set_rng_state(state[f"r{par.rank}"]["rng"])
         if par.rank == 0 and metrics_path and metrics_path.exists():  # drop steps that will be redone
-            keep = [ln for ln in metrics_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= start]
+            keep = [ln for ln in metrics_path.read_text().splitlines() if _step_of(ln) <= start]
             atomic.write_text(metrics_path, "".join(ln + "\n" for ln in keep))
         if par.rank == 0 and not cfg.quiet:
             print(f"resumed from {found} (step {start})", flush=True)
@@ -142,6 +150,7 @@ def train(cfg: TrainConfig, par: Parallel, device: torch.device) -> list[dict]:
                 part = lm_loss(modules[0](inputs[j * mb:(j + 1) * mb]), targets[j * mb:(j + 1) * mb], global_tokens)
                 part.backward()
                 loss += part.detach()
+        faults.point("step", par.rank, step)  # MOEPERF_FAULT (tests): die mid-step
         opt.sync_grads()
         if cfg.dump_grads and step == start + 1:
             synced = opt.full_grads()
@@ -215,7 +224,18 @@ def init_distributed(timeout_s: float) -> tuple[int, int, torch.device]:
     device = torch.device("cuda", local) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s))
+    backend, timeout = "nccl" if cuda else "gloo", timedelta(seconds=timeout_s)
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if restart > 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # torchrun (standalone) hands a restarted attempt the same agent store, still holding the dead
+        # attempt's gloo addresses: connect under a fresh prefix so the new ranks find each other
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+                              timeout=timeout)
+        dist.init_process_group(backend, store=dist.PrefixStore(f"moeperf/attempt{restart}", store), rank=rank,
+                                world_size=world, timeout=timeout)
+    else:
+        dist.init_process_group(backend, timeout=timeout)
     return dist.get_rank(), dist.get_world_size(), device
 
 
