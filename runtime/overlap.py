@@ -19,6 +19,7 @@ contributions are summed differs (fp32 rounding).
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -110,7 +111,7 @@ def start_a2a(x: torch.Tensor, in_splits: list[int], out_splits: list[int], grou
 def _ops(backend: str):
     """(gemm(x, w, counts), dgrad(dy, w, counts), wgrad(x, dy, counts) -> [E, K, N]) for a backend."""
     if backend == "triton":
-        from runtime.kernels import grouped_gemm as gg
+        gg = importlib.import_module("runtime.kernels.grouped_gemm")  # the package re-exports a function of that name
 
         off = gg.counts_to_offsets
         return (lambda x, w, c: gg.grouped_gemm_fwd_triton(x.contiguous(), w, off(c)),

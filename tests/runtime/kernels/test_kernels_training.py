@@ -1,0 +1,26 @@
+"""plan.kernels: triton (permute/unpermute, grouped GEMM + SwiGLU, and the deferred-wgrad expert
+GEMMs of inter-op overlap) trains like kernels: torch: fp32, TRITON_INTERPRET=1, one process."""
+
+import pytest
+import torch
+
+from perfmodel.specs import ModelSpec, MoESpec, PlanSpec
+from runtime.groups import Parallel
+from runtime.train import TrainConfig, train
+
+MODEL = dict(name="kern-moe", layers=2, hidden=32, heads=2, kv_heads=1, head_dim=16, vocab=256, seq_len=16,
+             moe=dict(experts=4, top_k=2, expert_ffn_hidden=32, shared_experts=1))
+
+
+def _losses(kernels: str, overlap: dict, steps: int = 2) -> list[float]:
+    model = ModelSpec(**{**MODEL, "moe": MoESpec(**MODEL["moe"])})
+    plan = PlanSpec(global_batch=2, micro_batch=2, kernels=kernels, overlap=overlap)
+    recs = train(TrainConfig(model=model, plan=plan, steps=steps, warmup=1, quiet=True), Parallel.single(),
+                 torch.device("cpu"))
+    return [r["loss"] for r in recs]
+
+
+@pytest.mark.parametrize("overlap", [{}, {"inter_op": True, "intra_op": "chunk", "chunks": 2}])
+def test_triton_kernels_train_like_torch(overlap):
+    ref, got = _losses("torch", overlap), _losses("triton", overlap)
+    assert got == pytest.approx(ref, rel=1e-5)
