@@ -107,7 +107,10 @@ def load_events(path: str | Path) -> tuple[list[dict[str, Any]], dict[str, Any]]
         top, data = data, data.get("traceEvents")
     if not isinstance(data, list) or not all(isinstance(e, dict) and "ph" in e for e in data[:1000]):
         raise SpecError(f"{path}: not a Chrome trace (expected traceEvents: a list of events with 'ph')")
-    return data, {k: v for k, v in top.items() if k != "traceEvents"}
+    # a hand-edited or damaged trace: events that are not objects are dropped, non-object args emptied
+    events = [e if isinstance(e.get("args", {}), dict) else {**e, "args": {}}
+              for e in data if isinstance(e, dict) and "ph" in e]
+    return events, {k: v for k, v in top.items() if k != "traceEvents"}
 
 
 def _num(x: Any, default: float = 0.0) -> float:
@@ -283,6 +286,8 @@ def read_trace(path: str | Path, meta: dict[str, Any] | None = None) -> RankTrac
         steps = [bounds]
     info = dict(meta or {})
     info.setdefault("host", top.get("host_name", ""))
+    if isinstance(top.get("moeperf_run"), dict):  # who wrote it (runtime/profiling.py): checked by read_run
+        info["recorded_as"] = top["moeperf_run"]
     return RankTrace(str(path), source, bool(device), steps, spans, dict(op_us), unattributed, unknown, info)
 
 
@@ -315,4 +320,22 @@ def read_meta(trace_dir: str | Path) -> dict[str, Any]:
 def read_run(trace_dir: str | Path) -> tuple[dict[str, Any], list[RankTrace]]:
     """meta.yaml and every rank's trace of one recorded run."""
     meta = read_meta(trace_dir)
-    return meta, [read_trace(p, meta) for p in rank_files(trace_dir)]
+    traces = [read_trace(p, meta) for p in rank_files(trace_dir)]
+    for tr in traces:
+        check_belongs(tr, meta)
+    return meta, traces
+
+
+def check_belongs(tr: RankTrace, meta: dict[str, Any]) -> None:
+    """Refuse a rank trace that another run (model, plan, world size) or another rank recorded."""
+    k = int(re.findall(r"\d+", Path(tr.path).name)[0])
+    world = meta.get("world_size")
+    if isinstance(world, int) and not 0 <= k < world:
+        raise SpecError(f"{tr.path}: rank {k} but meta.yaml says world_size {world} (a trace from another run?)")
+    rec = tr.meta.get("recorded_as") or {}
+    for key in ("model", "plan", "world_size"):
+        if key in rec and key in meta and rec[key] != meta[key]:
+            raise SpecError(f"{tr.path}: recorded with a different {key} than meta.yaml describes "
+                            "(a trace from another run?); refused")
+    if "rank" in rec and rec["rank"] != k:
+        raise SpecError(f"{tr.path}: recorded by rank {rec['rank']}, not rank {k}; refused")

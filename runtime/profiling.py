@@ -120,6 +120,10 @@ class StepProfiler:
         finally:
             Path(tmp).unlink(missing_ok=True)
         annotate(data, self.rank, self.world, self.model, self.plan)
+        data["moeperf_run"] = {  # checked against meta.yaml by perfmodel.trace_reader.read_run
+            "model": self.model.model_dump(mode="json") if self.model is not None else None,
+            "plan": self.plan.model_dump(mode="json") if self.plan is not None else None,
+            "world_size": self.world, "rank": self.rank}
         atomic.write_text(self.out_dir / f"rank{self.rank}.json", json.dumps(data, separators=(",", ":")))
 
     def write_meta(self) -> Path:

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import yaml
+from cli_harness import SCALE
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -25,7 +26,7 @@ from perfmodel.specs import (
 )
 from perfmodel.validate import check_study, cluster_profile, one_line
 
-FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(max_examples=200 * SCALE, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 BASES: dict[str, list[dict[str, Any]]] = {"model": [], "cluster": [], "profile": []}
 for sub, kind in (("models", "model"), ("clusters", "cluster"), ("gpus", "profile")):
@@ -164,7 +165,7 @@ def test_mutated_yaml_text(kind, data):
     check(loaded, None)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60 * SCALE, deadline=None)
 @given(st.integers(2, 12), st.integers(2, 12))
 def test_nesting_and_aliases_bounded(depth, fan):
     nested = "a: " + "[" * (depth * 8) + "]" * (depth * 8)
