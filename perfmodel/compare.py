@@ -119,6 +119,7 @@ def compare(study_path: str, out: Path | None = None, traces_root: Path | None =
             profile_steps: str = "5:6", rerun: bool = False, timeline_plan: str | None = None,
             log=print) -> dict[str, Any]:
     from perfmodel.sim import simulate
+    from perfmodel.sim.layer import as_executed
 
     study = load_spec(study_path, "study")
     model, cluster, world = study_specs(study)
@@ -163,7 +164,9 @@ def compare(study_path: str, out: Path | None = None, traces_root: Path | None =
             continue
         meta, traces = read_run(runs[p.name])
         measured = measured_step_s(meta, traces)
-        sim = simulate(model, cluster, p, profile, trace=p.name == pick)
+        # priced as the runtime ran it (tile runs as chunk there: perfmodel.sim.layer.as_executed)
+        executed = p.model_copy(update={"overlap": as_executed(p.overlap)})
+        sim = simulate(model, cluster, executed, profile, trace=p.name == pick)
         err = 100.0 * (sim.step_time_s - measured) / measured if measured > 0 else float("nan")
         rows.append({"plan": p.name, "held_out": not p.calibrate, "predicted_s": sim.step_time_s,
                      "measured_s": measured, "error_pct": err})

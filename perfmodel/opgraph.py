@@ -218,7 +218,7 @@ class OpGraph:
         groups = moe.experts // L.ep
         b.add(gemm("moe.fc1", t_exp, 2 * f, h, groups))
         b.add(mem("moe.act", t_exp * 3 * f * a))
-        b.add(gemm("moe.fc2", t_exp, h, f, groups))
+        fc2 = b.add(gemm("moe.fc2", t_exp, h, f, groups))
         if L.etp > 1:
             b.add(comm("moe.etp_rs", "reduce_scatter", "etp", L.etp, t_exp * h * a))
         if L.ep > 1:
@@ -232,9 +232,10 @@ class OpGraph:
                 b.add(mem("moe.combine_dequant", t_route * h * (a + 1)))
         joins = [b.fwd[-1].event]
         if m.shared_ffn_hidden:
-            # the shared expert only needs the normed tokens: it is independent of the dispatch path
+            # the shared expert only needs the normed tokens; the runtime (runtime/moe.py) runs it once
+            # the experts are done, under the combine all-to-all (and its gradient in backward)
             shared = gemm("moe.shared", self.t_seq, 3 * m.shared_ffn_hidden, h)
-            joins.append(b.add(Op(**{**shared.__dict__, "branch": "shared"}), after=(norm,)))
+            joins.append(b.add(Op(**{**shared.__dict__, "branch": "shared"}), after=(fc2,)))
         b.add(mem("moe.unpermute", t_route * h * a * 2 + self.t_seq * h * a * 2), after=tuple(joins))
 
     def _dense_ffn(self, b: _Builder) -> None:

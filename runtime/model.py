@@ -50,7 +50,7 @@ class Block(nn.Module):
         if self.is_moe:
             wire = (plan.compression.dispatch, plan.compression.combine)
             ov = plan.overlap
-            chunks = ov.chunks if ov.intra_op != "none" else (2 if ov.inter_op else 1)  # tile runs as chunk
+            chunks = ov.chunks if ov.intra_op != "none" else 1  # tile runs as chunk
             self.ffn: nn.Module = MoE(spec, par, f"{p}.moe", seed, plan.global_batch, get_expert_fn(plan.kernels),
                                       wire, plan.kernels, chunks, ov.inter_op)
         else:

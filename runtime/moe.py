@@ -12,6 +12,9 @@ tokens grouped by local expert ([sum(tokens_per_expert), H]), w1/w3 are [E_local
 (`runtime.kernels.expert_ffn`: grouped GEMM + SwiGLU kernels, fed the gate/up weights fused).
 plan.compression.dispatch/combine == "fp8" sends the token all-to-alls as e4m3 with per-token
 scales (runtime.comm.all_to_all_autograd; gradients travel back in bf16).
+plan.overlap: token chunks pipelined (intra_op chunk; tile runs as chunk), async all-to-alls with
+the shared expert under the combine and expert wgrad deferred under the dispatch gradient
+(inter_op); see runtime/overlap.py. permute/unpermute use runtime.kernels when kernels: triton.
 
 Load-balancing loss: Switch/GShard's E * sum_e f_e * P_e, computed per *sequence* (its token
 counts and probabilities are summed over the tp*sp ranks holding its shards), averaged over the
@@ -199,8 +202,8 @@ class MoE(nn.Module):
             w, idx = torch.topk(probs, self.k, dim=-1)
             w = w / w.sum(-1, keepdim=True)
             aux = self._aux(probs, idx, b)
-        # token chunks (intra-op overlap, or the two halves of inter-op overlap): chunk c+1's
-        # dispatch and chunk c-1's combine are in flight while chunk c's experts compute
+        # token chunks (intra-op overlap): chunk c+1's dispatch and chunk c-1's combine are in
+        # flight while chunk c's experts compute
         nc = max(1, min(self.chunks, n))
         cut = [n * c // nc for c in range(nc + 1)]
         with record_function("moe.permute/fwd"):
@@ -217,13 +220,12 @@ class MoE(nn.Module):
             if c + 1 < nc:
                 dispatch.append(self._send(parts[c + 1][0], send_splits[c + 1], recv_splits[c + 1], 0,
                                            "moe.dispatch_a2a"))
-            if c == 0 and self.defer_wgrad and self.shared is not None:
-                with record_function("moe.shared/fwd"):  # inter-op: under the first dispatch
-                    shared = self.shared(t)
             y = self._experts(dispatch[c].wait(), recv[:, c], dispatch[c])
             combine.append(self._send(y, recv_splits[c], send_splits[c], 1, "moe.combine_a2a"))
-        if self.shared is not None and shared is None:
-            with record_function("moe.shared/fwd"):  # under the combine all-to-alls in flight
+        if self.shared is not None:
+            # under the combine all-to-all(s) in flight; in backward (autograd runs the latest-created
+            # ready node first) its gradient runs while the combine's gradient all-to-all is in flight
+            with record_function("moe.shared/fwd"):
                 shared = self.shared(t)
         with record_function("moe.unpermute/fwd"):
             out = torch.cat([self._unpermute(combine[c].wait(), parts[c][2], w[cut[c]:cut[c + 1]])

@@ -1,17 +1,21 @@
 """One layer's ops for one phase group (forward, or recompute+backward) on a representative rank.
 
-Overlap is modelled by how ops are placed on streams:
+Overlap is modelled as the runtime executes it (runtime/moe.py, runtime/overlap.py):
   none      one stream runs every op in program order (comm blocks compute)
   inter_op  comm ops run on one stream per group kind; the compute stream runs the first
-            ready op in program order, wgrad GEMMs last (they fill the gaps while dgrad
-            waits for comm), independent branches (the shared expert) run under the comm;
-            the micro-batch may also be split in two halves whose ops interleave (the comm
-            of one under the compute of the other): the faster of the two is kept
-  intra_op  each GEMM + adjacent collective chain (e.g. dispatch a2a -> fc1, fc2 -> combine
-            a2a) is cut into `chunks` pieces pipelined across compute and comm streams; the
-            first piece's comm is the fill cost. chunk: every piece is its own kernel (own
-            launch, efficiency at its size); tile: pieces of one fused kernel (efficiency of
-            the whole GEMM, a small per-tile overhead, the collective's latency once)
+            ready op in program order; independent branches (the shared expert) run under
+            the comm (after the experts: under the combine a2a, and under its gradient in
+            backward); the expert wgrad GEMMs (moe.fc1/fc2) are deferred (they run while the
+            dispatch gradient all-to-all is in flight), other wgrads stay next to their dgrad.
+            The micro-batch is not split (`expand(halves=2)` remains for studies of a split)
+  intra_op  the expert path dispatch a2a -> fc1 -> act -> fc2 -> combine a2a (and any GEMM +
+            adjacent expert-parallel collective chain) is cut into `chunks` pieces pipelined
+            across compute and comm streams; the first piece's comm is the fill cost.
+            chunk: every piece is its own kernel (own launch, efficiency at its size);
+            tile: pieces of one fused kernel (efficiency of the whole GEMM, a small per-tile
+            overhead, the collective's latency once) -- a GPU technique the runtime does not
+            have: it runs tile as chunk, so `moeperf compare` prices measured plans with
+            `as_executed` (tile -> chunk)
 Compute and comm share the rank's resources in a FluidNet: comm ops share their bounding
 link class, and compute slows by the profile's interference factor while comm runs.
 """
@@ -29,8 +33,16 @@ from perfmodel.opgraph import QUANT_OPS, Op
 from perfmodel.sim.fluid import FluidNet
 from perfmodel.specs import OverlapSpec
 
-CHAIN_GROUPS = ("ep", "etp", "tp")  # collectives fused/pipelined with their GEMM by intra-op overlap
+CHAIN_GROUPS = ("ep", "etp")  # collectives pipelined with their GEMM by intra-op overlap (the runtime
+# chunks the expert-parallel token path only: TP all-gather/reduce-scatter stay whole)
 CHAIN_MEMORY = QUANT_OPS  # (de)quantize kernels around a compressed collective are pipelined with it
+EXPERT_BODY = ("moe.act", "moe.fc2", "moe.fc1")  # chunked with the dispatch/combine a2a around them
+DEFERRED_WGRAD = ("moe.fc1", "moe.fc2")  # inter-op: wgrad deferred under the dispatch gradient a2a
+
+
+def as_executed(overlap: OverlapSpec) -> OverlapSpec:
+    """The overlap the runtime really executes: tile runs as chunk (no tile-level kernel)."""
+    return overlap.model_copy(update={"intra_op": "chunk"}) if overlap.intra_op == "tile" else overlap
 
 
 @dataclass(eq=False)
@@ -90,10 +102,33 @@ def _chains(ops: list[Op]) -> list[list[Op]]:
                 chain.pop()
             if any(o.kind == "comm" and o.group in CHAIN_GROUPS for o in chain):
                 full = chain[::-1] + [g] if side == "before" else [g] + chain
+                if side == "before" and g.name in EXPERT_BODY:
+                    full += _body_and_after(full[-1], cons, taken, link)
                 taken.update(o.event for o in full)
                 out.append(full)
                 break
     return out
+
+
+def _body_and_after(cur: Op, cons: dict[str, list[Op]], taken: set[str], link) -> list[Op]:
+    """The rest of the expert path after fc1 (act, fc2; mirrored in dgrad) and the collective
+    chain after it: the runtime pipelines the whole dispatch -> experts -> combine per chunk."""
+    body: list[Op] = []
+    while True:
+        c = [o for o in cons[cur.event] if o.phase != "wgrad"]
+        if len(c) != 1 or len(c[0].deps) != 1 or c[0].event in taken:
+            break
+        nxt = c[0]
+        if nxt.name in EXPERT_BODY and nxt.kind != "comm":
+            body.append(nxt)
+        elif link(nxt):
+            body.append(nxt)
+        else:
+            break
+        cur = nxt
+    while body and body[-1].kind != "comm":
+        body.pop()
+    return body
 
 
 def expand(ops: list[Op], overlap: OverlapSpec, hw: Hardware, halves: int = 1) -> list[SimOp]:
@@ -110,7 +145,8 @@ def expand(ops: list[Op], overlap: OverlapSpec, hw: Hardware, halves: int = 1) -
             stream = "compute" if op.kind != "comm" else f"comm.{op.group}"
             deps = [last[d] for d in op.deps if d in last]
             if op.event not in in_chain:
-                s = SimOp(op, op.event + sfx, 1 / halves, deps=deps, stream=stream, low=op.phase == "wgrad")
+                low = op.phase == "wgrad" and op.name in DEFERRED_WGRAD
+                s = SimOp(op, op.event + sfx, 1 / halves, deps=deps, stream=stream, low=low)
                 out.append(s)
                 last[op.event] = s
                 continue
@@ -118,22 +154,29 @@ def expand(ops: list[Op], overlap: OverlapSpec, hw: Hardware, halves: int = 1) -
             if j > 0:
                 continue  # emitted with the chain's head
             chain = chains[ci]
-            prev_piece: list[SimOp | None] = [None] * len(chain)
+            # leading collective(s) of piece i+1 are issued before the rest of piece i, as the
+            # runtime launches chunk i+1's dispatch before chunk i's experts (and their combine)
+            head = next((k for k, o in enumerate(chain) if o.kind != "comm" and o.name not in CHAIN_MEMORY),
+                        len(chain))
+            order = [(0, k) for k in range(head)]
             for i in range(n):
-                for k, o in enumerate(chain):
-                    st = "compute" if o.kind != "comm" else f"comm.{o.group}"
-                    d = list(deps) if k == 0 else [prev_piece[k - 1]]
-                    if prev_piece[k] is not None:
-                        d.append(prev_piece[k])
-                    s = SimOp(o, f"{o.event}{sfx}.{i}", 1 / (halves * n), deps=d, stream=st)
-                    if tile:
-                        s.eff_work = o.flops / halves
-                        s.launch_s = hw.launch_s if i == 0 else hw.tile_overhead_s
-                        s.latency = i == 0
-                    out.append(s)
-                    prev_piece[k] = s
+                order += [(i + 1, k) for k in range(head) if i + 1 < n] + [(i, k) for k in range(head, len(chain))]
+            pieces: dict[tuple[int, int], SimOp] = {}
+            for i, k in order:
+                o = chain[k]
+                st = "compute" if o.kind != "comm" else f"comm.{o.group}"
+                d = list(deps) if k == 0 else [pieces[i, k - 1]]
+                if i > 0:
+                    d.append(pieces[i - 1, k])
+                s = SimOp(o, f"{o.event}{sfx}.{i}", 1 / (halves * n), deps=d, stream=st)
+                if tile:
+                    s.eff_work = o.flops / halves
+                    s.launch_s = hw.launch_s if i == 0 else hw.tile_overhead_s
+                    s.latency = i == 0
+                out.append(s)
+                pieces[i, k] = s
             for k, o in enumerate(chain):
-                last[o.event] = prev_piece[k]  # type: ignore[assignment]
+                last[o.event] = pieces[n - 1, k]
     if halves > 1:  # interleave the halves in program order: a0 b0 a1 b1 ...
         per = len(out) // 2
         out = [x for pair in zip(out[:per], out[per:], strict=True) for x in pair]
@@ -142,13 +185,9 @@ def expand(ops: list[Op], overlap: OverlapSpec, hw: Hardware, halves: int = 1) -
 
 def run_layer(ops: list[Op], overlap: OverlapSpec, hw: Hardware,
               comm_cost: Callable[[Op], CollectiveCost]) -> LayerRun:
-    """Simulate the ops; with inter-op overlap, the faster of the whole and the split micro-batch."""
-    run = _run(ops, overlap, hw, comm_cost, 1)
-    if overlap.inter_op:
-        split = _run(ops, overlap, hw, comm_cost, 2)
-        if split.duration_s < run.duration_s:
-            return split
-    return run
+    """Simulate the ops in the order and on the streams the runtime uses (no micro-batch split:
+    runtime.moe overlaps within one micro-batch; intra-op chunks are the finer unit)."""
+    return _run(ops, overlap, hw, comm_cost, 1)
 
 
 def _run(ops: list[Op], overlap: OverlapSpec, hw: Hardware, comm_cost: Callable[[Op], CollectiveCost],

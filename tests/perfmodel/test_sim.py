@@ -161,3 +161,20 @@ def test_impossible_plan_and_memory_misfit():
     small = _cluster(nodes=1, gpn=8, memory_GiB=0.001)
     r = simulate(TINY, small, PlanSpec(global_batch=8), small.gpu)
     assert r.fits is False
+
+
+def test_chunk_pipelines_the_whole_expert_path_like_the_runtime():
+    """runtime.moe chunks dispatch -> fc1 -> act -> fc2 -> combine per token chunk; so does the sim."""
+    hw = Hardware.of(_profile())
+    a2a = Op("moe.dispatch_a2a", "fwd", "comm", bytes=8e6, collective="all_to_all", group="ep", group_size=8)
+    fc1 = Op("moe.fc1", "fwd", "gemm", flops=4e9, deps=(a2a.event,), shape=(4, 1, 1, 1))  # 8 ms
+    act = Op("moe.act", "fwd", "memory", bytes=1e9, deps=(fc1.event,))  # 2 ms
+    fc2 = Op("moe.fc2", "fwd", "gemm", flops=4e9, deps=(act.event,), shape=(4, 1, 1, 1))  # 8 ms
+    comb = Op("moe.combine_a2a", "fwd", "comm", bytes=8e6, collective="all_to_all", group="ep", group_size=8,
+              deps=(fc2.event,))
+    ops = [a2a, fc1, act, fc2, comb]
+    none = run_layer(ops, OverlapSpec(), hw, _cost)
+    assert none.duration_s == pytest.approx(0.034)
+    r = run_layer(ops, OverlapSpec(intra_op="chunk", chunks=4), hw, _cost)
+    assert len(r.spans) == 20  # every op of the path in 4 pieces
+    assert r.duration_s == pytest.approx(0.002 + 0.018 + 0.002)  # first dispatch piece, compute, last combine piece
