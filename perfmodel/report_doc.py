@@ -160,41 +160,50 @@ def _find_fixed(result: SearchResult, name: str, variant: str) -> Row | None:
     return next((r for r in result.fixed(variant) if r.plan.name == name), None)
 
 
+def _ref_order(key: str) -> tuple[str, str]:
+    """Reference rows grouped by variant (in the study's order of keys within one)."""
+    return (key.partition("@")[2], key)
+
+
 def paper_section(doc: Doc, result: SearchResult, details: dict[int, dict[str, Any]]) -> None:
     ref = result.study.reference
     if not ref:
         return
     v0 = result.variants[0].name
-    base = result.baseline(v0)
     rows, misses = [], []
-    paper_speedup = 1.0
-    for key in sorted(ref):
-        metric, _, plan = key.partition(".")
+    for key in sorted(ref, key=_ref_order):
+        # keys: "<metric>.<plan>" for the first variant, "<metric>.<plan>@<variant>" for another
+        head, _, variant = key.partition("@")
+        metric, _, plan = head.partition(".")
+        variant = variant or v0
+        base = result.baseline(variant)
         paper = ref[key]
         if metric == "speedup":
-            others = [r for r in result.fixed(v0) if base is None or r.plan.name != base.plan.name]
-            target = _find_fixed(result, plan, v0) if plan else (others[0] if others else None)
+            others = [r for r in result.fixed(variant) if base is None or r.plan.name != base.plan.name]
+            target = _find_fixed(result, plan, variant) if plan else (others[0] if others else None)
             pred = (target.tokens_per_s / base.tokens_per_s if target and base and target.metrics
                     and base.metrics and base.tokens_per_s > 0 else None)
             what = f"speedup {target.plan.name if target else plan} / {base.plan.name if base else '?'}"
+            what += f" @{variant}" if variant != v0 else ""
             fmt = "{:.2f}x"
         else:
-            target = _find_fixed(result, plan, v0)
+            target = _find_fixed(result, plan, variant)
             pred = target.metrics.get(metric) if target and target.metrics else None
             what, fmt = f"{metric} {plan}", ("{:,.0f}" if metric == "tokens_per_s" else "{:.4g}")
+            what += f" @{variant}" if variant != v0 else ""
         err = (pred - paper) / paper if pred is not None and paper else None
         ok = err is not None and abs(err) <= TOLERANCE
         rows.append([what, fmt.format(paper), "-" if pred is None else fmt.format(pred),
                      "-" if err is None else f"{100 * err:+.1f} %", "yes" if ok else "**no**"])
         if not ok and target is not None:
-            misses.append((what, err, target))
-            if metric == "speedup":
-                paper_speedup = paper
+            misses.append((what, err, target, base, paper if metric == "speedup" else 1.0))
     doc.h2("Predicted vs paper (the study's reference: published figures)")
+    prof = result.variants[0].profile
     doc.p(f"Target: every figure within +-{TOLERANCE:.0%} of the paper, from public hardware numbers with "
-          "no per-study fudge factor (efficiency constants live in the GPU preset and are shared by all studies).")
+          "no per-study fudge factor (efficiency constants live in the GPU preset and are shared by all studies). "
+          f"Hardware profile `{prof.name}`: {prof.source or 'no source given'}.")
     doc.table(["figure", "paper", "predicted", "error", f"within +-{TOLERANCE:.0%}"], rows)
-    for what, err, target in misses:
+    for what, err, target, base, paper_speedup in misses:
         bd = breakdown_of(target.metrics)
         op_row = base if what.startswith("speedup") and base is not None and base.metrics else target
         ob = breakdown_of(op_row.metrics)

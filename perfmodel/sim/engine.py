@@ -66,17 +66,20 @@ class _Ctx:
                               f"{cost.algorithm}+calibrated")
 
 
-_GROUP_CACHE: dict[tuple[int, str, int], tuple[int, ...]] = {}
+_GROUP_CACHE: dict[tuple[int, str, int], tuple[dict, tuple[int, ...]]] = {}
 
 
 def _group_of(groups: dict[str, tuple[tuple[int, ...], ...]], kind: str, rank: int) -> tuple[int, ...]:
-    key = (id(groups), kind, rank)  # groups come from layout's lru cache: stable objects
-    g = _GROUP_CACHE.get(key)
-    if g is None:
-        g = next(x for x in groups[kind] if rank in x)
-        if len(_GROUP_CACHE) > 100_000:
-            _GROUP_CACHE.clear()
-        _GROUP_CACHE[key] = g
+    # keyed by id() for speed; the entry keeps the dict it was computed from, because once
+    # layout's lru cache evicts a dict its id can be reused by another plan's groups
+    key = (id(groups), kind, rank)
+    hit = _GROUP_CACHE.get(key)
+    if hit is not None and hit[0] is groups:
+        return hit[1]
+    g = next(x for x in groups[kind] if rank in x)
+    if len(_GROUP_CACHE) > 100_000:
+        _GROUP_CACHE.clear()
+    _GROUP_CACHE[key] = (groups, g)
     return g
 
 

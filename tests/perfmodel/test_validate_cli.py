@@ -111,7 +111,7 @@ def test_validate_subprocess_ok():
 def test_presets_listing(capsys):
     assert main(["presets"]) == 0
     out = capsys.readouterr().out
-    assert "megascale-moe-352b" in out and "351.1B params" in out and "1440 GPUs" in out
+    assert "megascale-moe-352b" in out and "341.3B params" in out and "1440 GPUs" in out
     assert main(["presets", "--json"]) == 0
     table = json.loads(capsys.readouterr().out)
     assert set(table) == {"model", "cluster", "profile"}
