@@ -90,6 +90,13 @@ class RankTrace:
         return dict(out)
 
 
+def _clean(e: dict[str, Any]) -> dict[str, Any]:
+    """A damaged event made harmless: object args, hashable pid/tid."""
+    bad = {k: (repr(e[k]) if k in ("pid", "tid") else {}) for k in ("pid", "tid", "args")
+           if k in e and not (isinstance(e[k], dict) if k == "args" else isinstance(e[k], (int, float, str, type(None))))}
+    return {**e, **bad} if bad else e
+
+
 def load_events(path: str | Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """The trace's event list and its top-level fields; SpecError if it is not a Chrome trace."""
     path = Path(path)
@@ -108,8 +115,7 @@ def load_events(path: str | Path) -> tuple[list[dict[str, Any]], dict[str, Any]]
     if not isinstance(data, list) or not all(isinstance(e, dict) and "ph" in e for e in data[:1000]):
         raise SpecError(f"{path}: not a Chrome trace (expected traceEvents: a list of events with 'ph')")
     # a hand-edited or damaged trace: events that are not objects are dropped, non-object args emptied
-    events = [e if isinstance(e.get("args", {}), dict) else {**e, "args": {}}
-              for e in data if isinstance(e, dict) and "ph" in e]
+    events = [_clean(e) for e in data if isinstance(e, dict) and "ph" in e]
     return events, {k: v for k, v in top.items() if k != "traceEvents"}
 
 
