@@ -19,12 +19,11 @@ PLANS = {
     "tp4_ep2": dict(tp=4, ep=2),
     "sp2_ep2_recompute": dict(sp=2, ep=2, recompute="full"),
     # overlap (runtime/overlap.py) must not change the gradients: async a2a + halves + deferred wgrad,
-    # token chunks, both under sequence parallelism and full recomputation, and inside a pipeline
+    # token chunks, both together under sequence parallelism and full recomputation
     "ep4_inter_op": dict(ep=4, overlap=dict(inter_op=True)),
     "ep4_chunk3": dict(ep=4, overlap=dict(intra_op="chunk", chunks=3)),
     "sp2_ep2_inter_chunk_recompute": dict(sp=2, ep=2, recompute="full",
                                           overlap=dict(inter_op=True, intra_op="chunk", chunks=2)),
-    "pp2_ep2_inter_op": dict(pp=2, ep=2, overlap=dict(inter_op=True)),
 }
 GLOBAL_BATCH, MICRO_BATCH = 8, 1
 
