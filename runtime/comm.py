@@ -95,12 +95,21 @@ def exchange_splits(in_splits: Sequence[int] | torch.Tensor, group=None,
 # ------------------------------------------------------------------ all-to-all
 
 
+def _kernel_backend(backend: str, device: torch.device) -> str:
+    """The fp8 (de)quantization backend of a wire: "auto" means the compiled Triton kernels on CUDA
+    and torch everywhere else.  It never picks the Triton CPU *interpreter*, even when
+    TRITON_INTERPRET=1 is set (the kernel tests set it, and every process they start inherits it):
+    interpreting the kernels costs seconds per call, which turns a few-second CPU training step into
+    minutes that look like a hang.  Pass backend="triton" to interpret them on purpose."""
+    return "torch" if backend == "auto" and device.type != "cuda" else backend
+
+
 def _pack(x: torch.Tensor, wire: str, block: int | None, backend: str) -> tuple[torch.Tensor, int]:
     """Rows of x -> a [rows, bytes_per_row] uint8 buffer in the wire format; returns it and bytes/row."""
     if wire == "fp8":
         from runtime.kernels.fp8 import quantize_fp8
 
-        q, scale = quantize_fp8(x, block, backend)
+        q, scale = quantize_fp8(x, block, _kernel_backend(backend, x.device))
         groups = 1 if block is None else -(-x.shape[1] // block)
         scale = scale.reshape(x.shape[0], groups).contiguous()
         buf = torch.cat([q.view(torch.uint8), scale.view(torch.uint8)], dim=1)
@@ -119,7 +128,7 @@ def _unpack(buf: torch.Tensor, cols: int, dtype: torch.dtype, wire: str, block: 
         q = buf[:, :cols].contiguous().view(FP8_DTYPE)
         scale = buf[:, cols:].contiguous().view(torch.float32)
         scale = scale.reshape(rows) if block is None else scale
-        return dequantize_fp8(q, scale, block, dtype, backend)
+        return dequantize_fp8(q, scale, block, dtype, _kernel_backend(backend, buf.device))
     wire_dtype = torch.bfloat16 if wire == "bf16" else dtype
     return buf.contiguous().view(wire_dtype).to(dtype)
 

@@ -10,11 +10,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+import proc_group
 import pytest
 
 pytest.importorskip("torch")
@@ -33,8 +33,8 @@ def _run(tmp: Path, out: str, *extra: str, fault: str | None = None, timeout: in
     args = ["--model", "tiny-moe", "--plan", str(tmp / "plan.yaml"), "--nproc", "4", "--steps", str(STEPS),
             "--layers", "2", "--seq-len", "32", "--scale", "0.5", "--ckpt-every", "2", "--out", str(tmp / out)]
     t0 = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "perfmodel.cli", "run", *args, *extra], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    proc = proc_group.run([sys.executable, "-m", "perfmodel.cli", "run", *args, *extra], cwd=ROOT, env=env,
+                          timeout=timeout)
     return proc, time.monotonic() - t0
 
 

@@ -7,10 +7,10 @@ Always on: the small equivalence model, 30 steps. MOEPERF_SLOW=1 adds the issue'
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
+import proc_group
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -25,7 +25,7 @@ def _run(tmp_path: Path, model: str, steps: int, timeout: int) -> tuple[list[dic
            str(Path(__file__).parent / "compress_worker.py"), str(tmp_path), model, str(steps), "2e-3", str(corpus),
            json.dumps(BASE), json.dumps(FP8)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = proc_group.run(cmd, cwd=ROOT, env=env, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return (json.loads((tmp_path / "plain.json").read_text()), json.loads((tmp_path / "fp8.json").read_text()))
 

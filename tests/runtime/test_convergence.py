@@ -5,10 +5,10 @@ from the step-100 checkpoint replays steps 101-200 exactly. Run with MOEPERF_SLO
 import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
+import proc_group
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -30,15 +30,14 @@ def test_tiny_moe_learns_text_and_resumes_exactly(tmp_path):
     args = [sys.executable, "-m", "perfmodel.cli", "run", "--model", "tiny-moe", "--plan", str(plan),
             "--nproc", "4", "--steps", "200", "--data", str(corpus), "--lr", "2e-3", "--ckpt-every", "100"]
     a = tmp_path / "a"
-    proc = subprocess.run(args + ["--out", str(a)], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=400)
+    proc = proc_group.run(args + ["--out", str(a)], cwd=ROOT, env=ENV, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     full = _losses(a)
     assert full[200] <= 0.7 * full[1], (full[1], full[200])
     b = tmp_path / "b"  # the job as if killed after step 100's checkpoint
     shutil.copytree(a, b)
     shutil.rmtree(b / "ckpt" / "step_000200")
-    proc = subprocess.run(args + ["--out", str(b), "--resume"], cwd=ROOT, env=ENV, capture_output=True, text=True,
-                          timeout=300)
+    proc = proc_group.run(args + ["--out", str(b), "--resume"], cwd=ROOT, env=ENV, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "(step 100)" in proc.stdout
     assert _losses(b) == full

@@ -6,10 +6,10 @@ All plans run in one torchrun launch (tests/runtime/equiv_worker.py) to keep the
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
+import proc_group
 import pytest
 import torch
 
@@ -33,7 +33,7 @@ def runs(tmp_path_factory):
            str(Path(__file__).parent / "equiv_worker.py"), str(out), str(STEPS)]
     cmd += [json.dumps(plan_fields(n)) for n in PLANS]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)  # 12 plans; slow when the suite shares the cores
+    proc = proc_group.run(cmd, cwd=ROOT, env=env, timeout=300)  # 12 plans; slow when the suite shares the cores
     assert proc.returncode == 0, proc.stderr[-4000:]
     return out, ref
 

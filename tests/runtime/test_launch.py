@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+import proc_group
 import pytest
 
 from perfmodel.cli import main as cli
@@ -43,8 +44,7 @@ def test_bad_flags_exit_2(tmp_path, capsys):
 
 def _run(args: list[str]) -> tuple[subprocess.CompletedProcess, float]:
     t0 = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "perfmodel.cli", "run", *args], cwd=ROOT, env=ENV,
-                          capture_output=True, text=True, timeout=120)
+    proc = proc_group.run([sys.executable, "-m", "perfmodel.cli", "run", *args], cwd=ROOT, env=ENV, timeout=120)
     return proc, time.monotonic() - t0
 
 
