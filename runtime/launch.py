@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -77,6 +78,8 @@ def _check_args(a) -> None:
     if not 0 <= a.seed < 2**63:
         raise SpecError(f"--seed: {a.seed} must be between 0 and 2**63-1")
     parse_steps(a.profile_steps)
+    if a.inject_failure is not None and not re.fullmatch(r"\d+:\d+", a.inject_failure):
+        raise SpecError(f"--inject-failure: expected RANK:STEP, got {a.inject_failure!r}")
     if a.out is not None and a.out.exists() and not a.out.is_dir():
         raise SpecError(f"--out: {a.out} exists and is not a folder")
 

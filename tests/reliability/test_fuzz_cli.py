@@ -198,7 +198,7 @@ RUN_BAD = [["--nproc", "0"], ["--nproc", "-4"], ["--nproc", "9999999999999999999
            ["--seed", "-1"], ["--scale", "0"], ["--scale", "nan"], ["--warmup", "-1"], ["--max-restarts", "-2"],
            ["--pg-timeout-s", "nan"], ["--profile-steps", "5:3"], ["--profile-steps", "x"], ["--nnodes", "x"],
            ["--layers", "0"], ["--seq-len", "-8"], ["--ckpt-every", "-1"], ["--bogus"], ["--nproc"], ["positional"],
-           ["--resume"], ["--data", "/nonexistent/corpus.txt"], ["--inject-failure"]]
+           ["--resume"], ["--data", "/nonexistent/corpus.txt"], ["--inject-failure"], ["--inject-failure", "a:b"]]
 
 
 @EX(150)
