@@ -63,38 +63,53 @@ def test_rank_killed_mid_step_ends_job_naming_it(tmp_path):
     assert last.startswith("moeperf run: error: rank 2 died: killed by SIGKILL"), last
 
 
-def test_rank_killed_mid_step_restarts_and_resumes_exactly(tmp_path, reference):
-    proc, _ = _run(tmp_path, "a", "--max-restarts", "1", fault="step:2:5")
+def test_kills_mid_save_and_mid_step_restart_and_resume_exactly(tmp_path, reference):
+    """One job, three attempts: rank 0 dies in the middle of the step-4 checkpoint save (attempt 0), then
+    rank 2 dies in the middle of step 5 (attempt 1); torchrun restarts it twice."""
+    proc, _ = _run(tmp_path, "a", "--max-restarts", "2", fault="ckpt:0:4:0,step:2:5:1")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "(step 4)" in proc.stdout  # resumed from the last checkpoint
-    _same_as_reference(tmp_path / "a", reference)
-
-
-def test_killed_during_checkpoint_save_resumes_from_previous(tmp_path, reference):
-    proc, _ = _run(tmp_path, "a", "--max-restarts", "1", fault="ckpt:0:4")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "step_000002 (step 2)" in proc.stdout  # the half-written step 4 was never used
+    resumed = [ln for ln in proc.stdout.splitlines() if ln.startswith("resumed from")]
+    assert len(resumed) == 2, proc.stdout
+    assert resumed[0].endswith("step_000002 (step 2)")  # the half-written step-4 save was never used
+    assert resumed[1].endswith("step_000004 (step 4)")  # the step-4 checkpoint of attempt 1
     _same_as_reference(tmp_path / "a", reference)
     assert not list((tmp_path / "a" / "ckpt").glob("*.tmp"))
 
 
-def test_corrupt_checkpoint_is_skipped_or_refused(tmp_path, reference):
-    shutil.copytree(reference, tmp_path / "a")
-    ckpts = sorted((tmp_path / "a" / "ckpt").glob("step_*"))
+def _corrupt_latest(run: Path) -> Path:
+    ckpts = sorted((run / "ckpt").glob("step_*"))
     assert [p.name for p in ckpts] == ["step_000004", "step_000006"]
     shard = next(p for p in sorted(ckpts[-1].iterdir()) if p.suffix == ".distcp")
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF
     shard.write_bytes(bytes(data))
-    proc, _ = _run(tmp_path, "a", "--resume")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "skipped corrupt checkpoint" in proc.stderr and "SHA-256" in proc.stderr
-    assert "(step 4)" in proc.stdout
-    _same_as_reference(tmp_path / "a", reference)
+    return shard
+
+
+def test_corrupt_checkpoint_is_skipped_or_refused(tmp_path, reference, capsys):
+    from perfmodel.cli import main as cli
+    from runtime import checkpoint
+
+    shutil.copytree(reference, tmp_path / "a")
+    shard = _corrupt_latest(tmp_path / "a")
+    assert checkpoint.latest_good(tmp_path / "a" / "ckpt").name == "step_000004"  # what a resume loads
+    err = capsys.readouterr().err
+    assert "skipped corrupt checkpoint" in err and shard.name in err and "SHA-256" in err
     # every checkpoint corrupt: refused before launch, one line naming the file, exit 2
     for p in (tmp_path / "a" / "ckpt").glob("step_*/*.distcp"):
         p.write_bytes(p.read_bytes()[:-7])
-    proc, secs = _run(tmp_path, "a", "--resume")
-    err = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2 and len(err) == 1 and "every checkpoint is corrupt" in err[0], proc.stderr
-    assert "were written" in err[0] and secs < 60
+    (tmp_path / "plan.yaml").write_text(PLAN)
+    rc = cli(["run", "--model", "tiny-moe", "--plan", str(tmp_path / "plan.yaml"), "--nproc", "4", "--layers", "2",
+              "--seq-len", "32", "--scale", "0.5", "--out", str(tmp_path / "a"), "--resume"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "every checkpoint is corrupt" in err[0] and "were written" in err[0], err
+
+
+@pytest.mark.skipif(not os.environ.get("MOEPERF_SLOW"), reason="MOEPERF_SLOW=1: end-to-end resume past a corrupt file")
+def test_resume_past_corrupt_checkpoint_end_to_end(tmp_path, reference):
+    shutil.copytree(reference, tmp_path / "a")
+    _corrupt_latest(tmp_path / "a")
+    proc, _ = _run(tmp_path, "a", "--resume")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "skipped corrupt checkpoint" in proc.stderr and "(step 4)" in proc.stdout
+    _same_as_reference(tmp_path / "a", reference)
