@@ -14,16 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from perfmodel import atomic
-
-
-def _round(x: Any) -> Any:
-    if isinstance(x, float):
-        return float(f"{x:.9g}")
-    if isinstance(x, dict):
-        return {k: _round(v) for k, v in sorted(x.items())}
-    if isinstance(x, (list, tuple)):
-        return [_round(v) for v in x]
-    return x
+from perfmodel.sim.result import stable as _round
 
 
 def to_chrome_trace(events: list[Any], metadata: dict[str, Any] | None = None) -> dict[str, Any]:

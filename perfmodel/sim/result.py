@@ -8,6 +8,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+def stable(x: Any) -> Any:
+    """Floats to 9 significant digits and dict keys sorted, recursively: byte-stable JSON."""
+    if isinstance(x, float):
+        return float(f"{x:.9g}")
+    if isinstance(x, dict):
+        return {k: stable(v) for k, v in sorted(x.items())}
+    if isinstance(x, (list, tuple)):
+        return [stable(v) for v in x]
+    return x
+
+
 @dataclass
 class TraceEvent:
     """One span of the simulated timeline (Chrome trace 'X' event once written)."""
@@ -36,16 +47,6 @@ class SimResult:
 
     def to_json(self) -> dict[str, Any]:
         """Deterministic, JSON-ready dict (floats rounded so output is byte-stable)."""
-
-        def r(x: Any) -> Any:
-            if isinstance(x, float):
-                return float(f"{x:.9g}")
-            if isinstance(x, dict):
-                return {k: r(v) for k, v in sorted(x.items())}
-            if isinstance(x, (list, tuple)):
-                return [r(v) for v in x]
-            return x
-
-        return r({"name": self.name, "step_time_s": self.step_time_s, "tokens_per_s": self.tokens_per_s,
+        return stable({"name": self.name, "step_time_s": self.step_time_s, "tokens_per_s": self.tokens_per_s,
                   "mfu": self.mfu, "breakdown": self.breakdown, "memory_GiB": self.memory_GiB,
                   "fits": self.fits, "plan": self.plan, "details": self.details})
