@@ -126,14 +126,30 @@ def _groups(world: int, tp: int, sp: int, pp: int, ep: int, etp: int,
     return groups
 
 
-def rank_groups(plan: PlanSpec, world: int) -> dict[str, tuple[tuple[int, ...], ...]]:
-    """Every group of each kind (tp, sp, dp, pp, ep, etp, edp, dp_sp) as sorted tuples of global ranks."""
+@lru_cache(maxsize=256)
+def _index(world: int, tp: int, sp: int, pp: int, ep: int, etp: int,
+           order: tuple[str, ...]) -> dict[str, dict[int, tuple[int, ...]]]:
+    groups = _groups(world, tp, sp, pp, ep, etp, order)
+    return {kind: {r: g for g in gs for r in g} for kind, gs in groups.items()}
+
+
+def _key(plan: PlanSpec, world: int) -> tuple:
     if world % (plan.tp * plan.sp * plan.pp):
         raise SpecError(f"plan: tp*sp*pp={plan.tp * plan.sp * plan.pp} does not divide the world size {world}")
     dp = world // (plan.tp * plan.sp * plan.pp)
     if (dp * plan.tp * plan.sp) % (plan.ep * plan.etp):
         raise SpecError(f"plan.ep*etp: {plan.ep * plan.etp} does not divide dp*tp*sp={dp * plan.tp * plan.sp}")
-    return _groups(world, plan.tp, plan.sp, plan.pp, plan.ep, plan.etp, tuple(plan.rank_order))
+    return (world, plan.tp, plan.sp, plan.pp, plan.ep, plan.etp, tuple(plan.rank_order))
+
+
+def rank_groups(plan: PlanSpec, world: int) -> dict[str, tuple[tuple[int, ...], ...]]:
+    """Every group of each kind (tp, sp, dp, pp, ep, etp, edp, dp_sp) as sorted tuples of global ranks."""
+    return _groups(*_key(plan, world))
+
+
+def rank_group_index(plan: PlanSpec, world: int) -> dict[str, dict[int, tuple[int, ...]]]:
+    """kind -> rank -> the group of that kind holding the rank (O(1) lookups for the simulator)."""
+    return _index(*_key(plan, world))
 
 
 def group_of(groups: dict[str, tuple[tuple[int, ...], ...]], kind: str, rank: int) -> tuple[int, ...]:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from perfmodel.collectives import CollectiveCost, collective_cost
 from perfmodel.hardware import Hardware
-from perfmodel.layout import rank_groups
+from perfmodel.layout import rank_group_index, rank_groups
 from perfmodel.opgraph import Op, OpGraph
 from perfmodel.sim.layer import LayerRun, run_layer
 from perfmodel.sim.pipeline import run_pipeline
@@ -47,11 +47,12 @@ def _graph(model: ModelSpec, plan: PlanSpec, world: int) -> OpGraph:
 class _Ctx:
     topo: Topology
     groups: dict[str, tuple[tuple[int, ...], ...]]
+    index: dict[str, dict[int, tuple[int, ...]]]  # kind -> rank -> its group (layout.rank_group_index)
     reps: tuple[int, ...]  # representative rank of each stage
     fits: dict[str, CollectiveFit]  # calibrated alpha-beta per "collective.group" or "collective"
 
     def group(self, kind: str, stage: int) -> tuple[int, ...]:
-        return _group_of(self.groups, kind, self.reps[stage])
+        return self.index[kind][self.reps[stage]]
 
     def cost(self, op: Op, stage: int = 0) -> CollectiveCost:
         g = self.group(op.group or "", stage)
@@ -64,23 +65,6 @@ class _Ctx:
         per_payload = op.bytes_per_rank * op.imbalance / op.bytes
         return CollectiveCost(fit.latency_us * 1e-6, per_payload / (fit.bw_GBps * 1e9), cost.link_class,
                               f"{cost.algorithm}+calibrated")
-
-
-_GROUP_CACHE: dict[tuple[int, str, int], tuple[dict, tuple[int, ...]]] = {}
-
-
-def _group_of(groups: dict[str, tuple[tuple[int, ...], ...]], kind: str, rank: int) -> tuple[int, ...]:
-    # keyed by id() for speed; the entry keeps the dict it was computed from, because once
-    # layout's lru cache evicts a dict its id can be reused by another plan's groups
-    key = (id(groups), kind, rank)
-    hit = _GROUP_CACHE.get(key)
-    if hit is not None and hit[0] is groups:
-        return hit[1]
-    g = next(x for x in groups[kind] if rank in x)
-    if len(_GROUP_CACHE) > 100_000:
-        _GROUP_CACHE.clear()
-    _GROUP_CACHE[key] = (groups, g)
-    return g
 
 
 def _serial_s(ops: tuple[Op, ...] | list[Op], hw: Hardware) -> float:
@@ -107,8 +91,8 @@ def simulate(model: ModelSpec, cluster: ClusterSpec, plan: PlanSpec, profile: Pr
     L = graph.layout
     hw = Hardware.of(profile)
     topo = topology_for(cluster, profile)
-    groups = rank_groups(plan, world)
-    ctx = _Ctx(topo, groups, _group_of(groups, "pp", 0), profile.collectives)
+    index = rank_group_index(plan, world)
+    ctx = _Ctx(topo, rank_groups(plan, world), index, index["pp"][0], profile.collectives)
 
     runs: dict[str, tuple[LayerRun, LayerRun]] = {}
     for kind, lg in graph.layers.items():
@@ -137,7 +121,7 @@ def simulate(model: ModelSpec, cluster: ClusterSpec, plan: PlanSpec, profile: Pr
 
     p2p_s = 0.0
     if L.pp > 1:
-        c = collective_cost(topo, "send_recv", (ctx.reps[0], ctx.reps[1]), 1.0, len(groups["pp"]))
+        c = collective_cost(topo, "send_recv", (ctx.reps[0], ctx.reps[1]), 1.0, len(ctx.groups["pp"]))
         p2p_s = c.time_s(graph.pp_bytes)
     m = L.microbatches
     pipe = run_pipeline(F, B, m, L.vpp, p2p_s)

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from perfmodel.layout import plan_layout, rank_groups
+from perfmodel.layout import group_of, plan_layout, rank_group_index, rank_groups
 from perfmodel.specs import ModelSpec, PlanSpec, SpecError
 
 MODEL = ModelSpec(layers=8, hidden=256, heads=8, kv_heads=4, head_dim=32, vocab=512, seq_len=256,
@@ -46,6 +46,8 @@ def test_groups_partition_world(tp, sp, pp, dp, ep, etp, order):
         flat = sorted(r for grp in groups[kind] for r in grp)
         assert flat == list(range(world)), kind
         assert all(len(grp) == size for grp in groups[kind]), kind
+        index = rank_group_index(plan, world)[kind]
+        assert all(index[r] == group_of(groups, kind, r) for r in range(world)), kind
 
 
 @pytest.mark.parametrize("plan,msg", [
