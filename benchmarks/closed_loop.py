@@ -29,7 +29,7 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "closed_loop")
     ap.add_argument("--traces", type=Path, default=None)
     ap.add_argument("--reuse", action="store_true", help="read traces already under --traces")
-    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--profile-steps", default="5:6")
     a = ap.parse_args()
     t0 = time.perf_counter()

@@ -13,8 +13,13 @@ Every fit is a straight line in the op's work, solved by least squares on relati
                   t = latency + bytes_per_rank / bw
   -> `collectives["all_to_all.ep"]` etc., per collective over all groups, and the fabric's
   latency and efficiency (median latency; rate / the cluster's link bandwidth);
+* profiler cost: what torch.profiler adds per recorded event, fitted from profiled vs
+  unprofiled step times of the runs and taken out of every sample (perfmodel.calibrate_data);
 * framework overhead: step time outside every op span (Python glue, small unnamed ops) per
   compute-op instance is added to `launch_overhead_us` (on CPU it is a large share of a step);
+* `sync_skew`: a collective's straggler wait as a fraction of the work its rank did since its
+  previous collective (ranks drift apart while they compute), chosen jointly with the
+  collectives' alpha-beta fits (which are then fitted on the time without that wait);
 * `comm_compute_slowdown`: how much slower GEMMs run in plans that overlap communication
   with compute than the fit of the plans that do not predicts (kept from the base profile
   when the traces cannot tell).
@@ -28,6 +33,7 @@ from __future__ import annotations
 import io
 import json
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +43,7 @@ import yaml
 from perfmodel import atomic
 from perfmodel.argparse_util import parser
 from perfmodel.calibrate_data import Sample, collect
+from perfmodel.collectives import latency_steps
 from perfmodel.specs import ProfileSpec, SpecError, load_spec, parse_spec
 from perfmodel.trace_reader import read_meta
 
@@ -77,11 +84,9 @@ def linfit(w: np.ndarray, t: np.ndarray, intercept: float | None = None,
     return a, slope(a)
 
 
-def hops(s: Sample) -> int:
-    """Latency steps of a collective as the simulator prices it on one node: pairwise all-to-all and
-    send/recv 1, ring all-gather/reduce-scatter n-1, ring all-reduce 2(n-1)."""
-    n = s.group_size
-    return {"all_to_all": 1, "send_recv": 1, "all_reduce": 2 * (n - 1)}.get(s.collective or "", max(1, n - 1))
+def hops(s: Sample, exponent: float = 1.0) -> float:
+    """Latency steps of the sample's collective (perfmodel.collectives.latency_steps)."""
+    return latency_steps(s.collective or "", s.group_size, exponent)
 
 
 def _fabric_fit(comm: list[Sample]) -> tuple[float, float]:
@@ -113,12 +118,61 @@ def _wfit(samples: list[Sample]) -> tuple[float, float]:
     return linfit(*_arrays(samples), weight=np.array([s.instances for s in samples], float))
 
 
+def _less_wait(s: Sample, skew: float) -> Sample:
+    """The sample without its straggler wait (skew x the work since the previous collective)."""
+    return replace(s, seconds=max(s.seconds - skew * s.interval_s, 0.05 * s.seconds))
+
+
+def _key_fit(ss: list[Sample], rate: float, exponent: float = 1.0) -> tuple[float, float]:
+    """(latency per latency step, seconds per byte) of one collective kind. Its own slope only where
+    its samples span sizes (>= 4x) on one group size; otherwise (one payload size, or sizes
+    confounded with group sizes) the fabric-wide rate, and the latency is what remains, per
+    latency step (weighted least squares, instances per step as weights)."""
+    w = [s.work for s in ss]
+    if min(w) > 0 and max(w) >= 4 * min(w) and len({s.group_size for s in ss}) == 1:
+        a, b = _wfit(ss)
+        return a / hops(ss[0], exponent), b
+    b = 1.0 / max(rate, 1e-30)
+    n = np.array([s.instances for s in ss], float)
+    h = np.array([hops(s, exponent) for s in ss], float)
+    rest = np.array([max(0.0, s.seconds - b * s.work) for s in ss])
+    return float(np.sum(n * h * rest) / np.sum(n * h * h)), b
+
+
+def _comm_fits(comm: dict[str, list[Sample]], skew: float, exponent: float = 1.0
+               ) -> tuple[dict[str, tuple[float, float]], float]:
+    """Per-collective (latency_s per step, s_per_byte) after removing `skew` x interval, and the
+    relative error of the whole model on the samples."""
+    rest = {k: [_less_wait(s, skew) for s in ss] for k, ss in comm.items()}
+    rate = _fabric_fit([s for ss in rest.values() for s in ss])[1]
+    fits = {k: _key_fit(ss, rate, exponent) for k, ss in rest.items()}
+    err = sum(((a * hops(s, exponent) + b * s.work + skew * s.interval_s - s.seconds) / s.seconds) ** 2
+              for k, (a, b) in fits.items() for s in comm[k])
+    return fits, err
+
+
+def _comm_model(comm: dict[str, list[Sample]]) -> tuple[float | None, float | None]:
+    """(`sync_skew`, `latency_exponent`): the straggler share of the preceding work each collective
+    waits, and how latency grows with the group, chosen jointly with every collective's alpha-beta
+    refitted on the rest (grid: skew 0..2, exponent 0..1; least relative error). Each is None when
+    the samples cannot tell (no intervals; no collective kind seen on two group sizes)."""
+    if not comm:
+        return None, None
+    tell_skew = any(s.interval_s > 0 for ss in comm.values() for s in ss)
+    tell_exp = any(len({s.group_size for s in ss}) > 1 for ss in comm.values())
+    skews = np.linspace(0.0, 2.0, 101) if tell_skew else [0.0]
+    exps = np.linspace(0.0, 1.0, 11) if tell_exp else [1.0]
+    best = min((_comm_fits(comm, float(g), float(p))[1], float(g), float(p)) for g in skews for p in exps)
+    return (best[1] if tell_skew else None), (best[2] if tell_exp else None)
+
+
 def _sig(x: float, digits: int = 6) -> float:
     return float(f"{x:.{digits}g}")
 
 
 def fit_profile(samples: list[Sample], base: ProfileSpec, sources: list[str], link_bw_GBps: float | None = None,
-                overhead_s: float = 0.0) -> tuple[ProfileSpec, dict[str, dict[str, Any]]]:
+                overhead_s: float = 0.0, profiler_us_per_event: float = 0.0
+                ) -> tuple[ProfileSpec, dict[str, dict[str, Any]]]:
     """The calibrated profile and, per fit, its samples and line (for the figures).
 
     `overhead_s`: step time outside every op span (Python and framework glue) per compute-op
@@ -156,6 +210,8 @@ def fit_profile(samples: list[Sample], base: ProfileSpec, sources: list[str], li
         d["memory_efficiency"] = {"max": _sig(min(1.0, eff)), "half_work": 0.0}
     d["launch_overhead_us"] = _sig((launch_s + overhead_s) * 1e6)
     resid["framework_overhead_us"] = _sig(overhead_s * 1e6, 4)
+    # taken out of the samples (perfmodel.calibrate_data); kept so per-op comparisons can do the same
+    resid["profiler_us_per_event"] = _sig(profiler_us_per_event, 4)
     # compute curves: the main dtype sets max/half_work, other dtypes their peak
     peaks = dict(d["peak_tflops"])
     for kind, field in CURVES.items():
@@ -190,18 +246,28 @@ def fit_profile(samples: list[Sample], base: ProfileSpec, sources: list[str], li
         ratios = [s.seconds / (fits[f"gemm.{s.dtype}"]["a"] + fits[f"gemm.{s.dtype}"]["b"] * s.flops) for s in ov]
         d["comm_compute_slowdown"] = _sig(float(np.clip(np.median(ratios) - 1.0, 0.0, 5.0)), 4)
         resid["comm_compute_slowdown.n"] = float(len(ov))
-    # collectives
+    # collectives: alpha-beta per collective and group kind, after the straggler wait
+    comm_groups = {k: ss for k, ss in groups.items() if k.startswith("comm.")}
+    skew, exponent = _comm_model(comm_groups)
+    if skew is not None:
+        d["sync_skew"] = _sig(skew, 4)
+    if exponent is not None:
+        d["latency_exponent"] = _sig(exponent, 4)
+    exponent = 1.0 if exponent is None else exponent
+    key_fits, _err = _comm_fits(comm_groups, skew or 0.0, exponent) if comm_groups else ({}, 0.0)
+    groups = {k: ([_less_wait(s, skew or 0.0) for s in ss] if k in comm_groups else ss) for k, ss in groups.items()}
     coll: dict[str, dict[str, float]] = {}
     by_coll: dict[str, list[Sample]] = defaultdict(list)
     for key, ss in sorted(groups.items()):
         if not key.startswith("comm."):
             continue
-        a, b = _wfit(ss)
+        a, b = key_fits[key]
         record(key, ss, a, b, "bytes")
         coll[key.removeprefix("comm.")] = {"latency_us": _sig(a * 1e6), "bw_GBps": _sig(max(1e-9, 1 / b / 1e9))}
         by_coll[ss[0].collective or "?"].extend(ss)
+    rate = _fabric_fit([s for ss in by_coll.values() for s in ss])[1] if by_coll else 1.0
     for name, ss in sorted(by_coll.items()):
-        a, b = linfit(*_arrays(ss))
+        a, b = _key_fit(ss, rate, exponent)
         coll.setdefault(name, {"latency_us": _sig(a * 1e6), "bw_GBps": _sig(max(1e-9, 1 / b / 1e9))})
     comm = [s for ss in by_coll.values() for s in ss]
     if comm:
@@ -279,9 +345,9 @@ def calibrate(run_dirs: list[str | Path], out: str | Path, base: str | None = No
               figures: bool = True) -> tuple[ProfileSpec, dict[str, dict[str, Any]]]:
     dirs = expand_dirs([str(d) for d in run_dirs])
     prof, bw = base_profile(dirs[0], base)
-    samples, over = collect(dirs)
+    samples, over, per_event_us = collect(dirs)
     overhead = float(np.median(over)) if over else 0.0
-    profile, fits = fit_profile(samples, prof, [str(d) for d in dirs], bw, overhead)
+    profile, fits = fit_profile(samples, prof, [str(d) for d in dirs], bw, overhead, per_event_us)
     out = Path(out)
     atomic.write_text(out, profile_yaml(profile))
     if figures:

@@ -5,6 +5,11 @@ rank's per-step time of an op event (`moe.fc1/wgrad`) is divided by the number o
 op graph says that event runs on that rank per step (layers of the rank's pipeline stage x
 micro-batches), giving one `Sample` per (run, rank, event): seconds per instance next to the
 instance's work.
+
+Profiler cost: on CPU an op lasts microseconds and torch.profiler adds a few per recorded event
+(10-25 % of a step here), so traced op times overstate unprofiled ones. `profiler_us_per_event`
+fits that cost from the runs themselves -- (profiled - unprofiled step time) = cost x events per
+step, least squares over the runs -- and the samples lose it per event charged to each op.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ class Sample:
     group: str | None = None
     group_size: int = 1
     overlap: bool = False  # the plan overlaps communication with compute
+    interval_s: float = 0.0  # comm: mean wall time since the rank's previous collective ended (unprofiled scale)
 
     @property
     def work(self) -> float:
@@ -111,7 +117,7 @@ def _kind(op: Op) -> str:
 
 
 def overhead_s_per_op(run_dir: str | Path, traces: list[RankTrace], plan: PlanSpec, world: int,
-                      graph: OpGraph) -> list[float]:
+                      graph: OpGraph, us_per_event: float = 0.0) -> list[float]:
     """Per rank: step time no op span claims (Python, framework, glue ops), per compute-op instance."""
     out = []
     for tr in traces:
@@ -119,23 +125,69 @@ def overhead_s_per_op(run_dir: str | Path, traces: list[RankTrace], plan: PlanSp
         ops = stage_ops(graph, stage_of(plan, world, rank))
         n = sum(k for op, k in ops.values() if op.kind != "comm")
         if n > 0 and tr.steps:
-            out.append(tr.unattributed_us * 1e-6 / tr.n_steps / n)
+            out.append(tr.unattributed_s_per_step(us_per_event) / n)
     return out
 
 
-def samples_of_run(run_dir: str | Path) -> tuple[list[Sample], dict[str, Any], list[RankTrace]]:
-    meta, traces = read_run(run_dir)
+def _unprofiled_step_s(meta: dict[str, Any]) -> float | None:
+    times = meta.get("step_times_s")
+    if isinstance(times, list) and times and all(isinstance(t, (int, float)) for t in times):
+        return statistics.median(float(t) for t in times)
+    return None
+
+
+def profiler_us_per_event(runs: list[tuple[dict[str, Any], list[RankTrace]]]) -> float:
+    """Profiler cost per recorded event (us): least squares of profiled - unprofiled step time =
+    cost x events per step over the runs (0 without unprofiled step times or CPU events)."""
+    num = den = 0.0
+    for meta, traces in runs:
+        unprof = _unprofiled_step_s(meta)
+        prof = [statistics.fmean(tr.step_times_s()) for tr in traces if tr.steps and tr.events]
+        if unprof is None or not prof:
+            continue
+        n = statistics.fmean(tr.step_events() for tr in traces if tr.steps and tr.events)
+        num += (statistics.median(prof) - unprof) * n
+        den += n * n
+    return max(0.0, num / den * 1e6) if den > 0 else 0.0
+
+
+def comm_intervals(tr: RankTrace, comm_events: set[str]) -> dict[str, float]:
+    """Per comm event: mean seconds between the end of the rank's previous collective (or the
+    step's start) and this collective's start -- the work its peers may drift apart over."""
+    out: dict[str, list[float]] = defaultdict(list)
+    last: dict[tuple[Any, Any, int], float] = {}
+    for s in sorted(tr.spans, key=lambda s: s.start_us):
+        if s.step is None or s.event not in comm_events:
+            continue
+        key = (s.pid, s.tid, s.step)
+        prev = last.get(key, tr.steps[s.step][0] if s.step < len(tr.steps) else s.start_us)
+        out[s.event].append(max(0.0, s.start_us - prev) * 1e-6)
+        last[key] = max(prev, s.start_us + s.dur_us)
+    return {k: statistics.fmean(v) for k, v in out.items()}
+
+
+def samples_of_run(run_dir: str | Path, us_per_event: float = 0.0,
+                   run: tuple[dict[str, Any], list[RankTrace]] | None = None
+                   ) -> tuple[list[Sample], dict[str, Any], list[RankTrace]]:
+    meta, traces = run or read_run(run_dir)
     where = str(run_dir)
     model, plan, world = run_specs(meta, where)
     graph = OpGraph(model, plan, world)
     overlap = plan.overlap.inter_op or plan.overlap.intra_op != "none"
     out: list[Sample] = []
     by_stage: dict[int, dict[str, tuple[Op, float]]] = {}
+    unprof = _unprofiled_step_s(meta)
+    prof = [statistics.fmean(tr.step_times_s()) for tr in traces if tr.steps]
+    # intervals are traced wall time: bring them to the unprofiled pace of the run
+    pace = min(1.0, unprof / statistics.median(prof)) if unprof and prof and statistics.median(prof) > 0 else 1.0
     for tr in traces:
         rank = int(re.findall(r"\d+", Path(tr.path).name)[0])
         st = stage_of(plan, world, rank)
         ops = by_stage.setdefault(st, stage_ops(graph, st))
-        measured = tr.op_seconds_per_step()
+        measured = tr.op_seconds_per_step(us_per_event)
+        # layer collectives only: the simulator prices gradient sync and p2p without straggler wait
+        gaps = comm_intervals(tr, {ev for ev, (op, _n) in ops.items()
+                                   if op.kind == "comm" and not op.name.startswith(("dp.", "pp."))})
         merged: dict[str, float] = defaultdict(float)
         for ev, sec in measured.items():
             merged[ev] += sec
@@ -151,27 +203,30 @@ def samples_of_run(run_dir: str | Path) -> tuple[list[Sample], dict[str, Any], l
             out.append(Sample(run=Path(run_dir).name, plan=plan.name, rank=rank, event=ev, kind=_kind(op),
                               dtype=op.dtype, flops=op.flops, bytes=work_bytes, seconds=sec / n, instances=n,
                               collective=op.collective, group=op.group, group_size=op.group_size,
-                              overlap=overlap))
+                              overlap=overlap, interval_s=gaps.get(ev, 0.0) * pace))
     return out, meta, traces
 
 
-def collect(run_dirs: list[str | Path]) -> tuple[list[Sample], list[float]]:
-    """Samples of every run, and the per-op framework overhead seen on each rank of each run."""
+def collect(run_dirs: list[str | Path]) -> tuple[list[Sample], list[float], float]:
+    """Samples of every run, the per-op framework overhead seen on each rank of each run, and the
+    profiler cost per event taken out of both (us)."""
+    runs = [read_run(d) for d in run_dirs]
+    cost = profiler_us_per_event(runs)
     out: list[Sample] = []
     over: list[float] = []
-    for d in run_dirs:
-        samples, meta, traces = samples_of_run(d)
+    for d, run in zip(run_dirs, runs, strict=True):
+        samples, meta, traces = samples_of_run(d, cost, run)
         out += samples
         model, plan, world = run_specs(meta, str(d))
-        over += overhead_s_per_op(d, traces, plan, world, OpGraph(model, plan, world))
-    return out, over
+        over += overhead_s_per_op(d, traces, plan, world, OpGraph(model, plan, world), cost)
+    return out, over, cost
 
 
 def measured_step_s(meta: dict[str, Any], traces: list[RankTrace]) -> float:
     """A run's step time: meta's unprofiled step times when recorded, else the traced steps (max over ranks)."""
-    times = meta.get("step_times_s")
-    if isinstance(times, list) and times and all(isinstance(t, (int, float)) for t in times):
-        return statistics.median(float(t) for t in times)
+    unprof = _unprofiled_step_s(meta)
+    if unprof is not None:
+        return unprof
     per_rank = []
     for tr in traces:
         s = sorted(tr.step_times_s())

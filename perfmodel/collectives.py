@@ -139,6 +139,16 @@ def _phase_time(phase: Phase, topo: Topology, n_groups: int) -> tuple[float, flo
 _CACHE: dict[tuple, CollectiveCost] = {}
 
 
+def latency_steps(collective: str, n: int, exponent: float = 1.0) -> float:
+    """Latency steps of a collective over n ranks, the unit of a calibrated latency: (n-1)^exponent
+    for an all-to-all (peer exchanges) or a ring all-gather / reduce-scatter, twice that for an
+    all-reduce (two rings), 1 for a send/recv. exponent 1: the n-1 rounds run in series; below 1
+    they partly overlap (calibrated: `ProfileSpec.latency_exponent`)."""
+    if collective == "send_recv" or n <= 1:
+        return 1.0
+    return (2.0 if collective == "all_reduce" else 1.0) * (n - 1) ** exponent
+
+
 def collective_cost(topo: Topology, collective: str, group: tuple[int, ...], imbalance: float = 1.0,
                     n_groups: int = 1) -> CollectiveCost:
     """Cost of the collective for `group` while `n_groups` groups of its kind run concurrently (cached)."""

@@ -102,14 +102,16 @@ def _profile_steps(arg: str, steps: int) -> None:
         raise SpecError(f"--profile-steps: need 1 <= A <= B <= --steps ({steps}), got {arg!r}")
 
 
-def measured_ops(model: ModelSpec, plan: NamedPlan, world: int, traces: list[RankTrace]) -> dict[str, float]:
-    """Seconds per instance of each op event of a layer (mean over the ranks of stage 0)."""
+def measured_ops(model: ModelSpec, plan: NamedPlan, world: int, traces: list[RankTrace],
+                 us_per_event: float = 0.0) -> dict[str, float]:
+    """Seconds per instance of each op event of a layer (mean over the ranks of stage 0), less the
+    profiler's cost per event (the calibration's `profiler_us_per_event`)."""
     graph = OpGraph(model, plan, world)
     ops = stage_ops(graph, 0)
     per: dict[str, list[float]] = {}
     stage0 = traces if plan.pp == 1 else traces[: max(1, len(traces) // plan.pp)]
     for tr in stage0:
-        for ev, sec in tr.op_seconds_per_step().items():
+        for ev, sec in tr.op_seconds_per_step(us_per_event).items():
             if ev in ops and ops[ev][1] > 0:
                 per.setdefault(ev, []).append(sec / ops[ev][1])
     return {ev: statistics.fmean(v) for ev, v in per.items()}
@@ -171,7 +173,8 @@ def compare(study_path: str, out: Path | None = None, traces_root: Path | None =
         rows.append({"plan": p.name, "held_out": not p.calibrate, "predicted_s": sim.step_time_s,
                      "measured_s": measured, "error_pct": err})
         pred_ops = sim.details.get("layer_ops", {}) or {}
-        for ev, m in sorted(measured_ops(model, p, world, traces).items()):
+        cost = profile.residuals.get("profiler_us_per_event", 0.0)
+        for ev, m in sorted(measured_ops(model, p, world, traces, cost).items()):
             if ev in pred_ops and m > 0:
                 op_rows.append({"plan": p.name, "held_out": not p.calibrate, "event": ev,
                                  "predicted_us": pred_ops[ev] * 1e6, "measured_us": m * 1e6,

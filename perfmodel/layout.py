@@ -110,6 +110,11 @@ def _groups(world: int, tp: int, sp: int, pp: int, ep: int, etp: int,
     for r, c in enumerate(coords):
         buckets.setdefault((c["tp"], c["pp"]), []).append(r)
     groups["dp_sp"] = tuple(sorted(tuple(b) for b in buckets.values()))
+    # the shards of one set of sequences (tp inside sp): per-sequence router statistics sum over them
+    buckets = {}
+    for r, c in enumerate(coords):
+        buckets.setdefault((c["dp"], c["pp"]), []).append(r)
+    groups["tp_sp"] = tuple(sorted(tuple(b) for b in buckets.values()))
     # expert folding: within a stage, ascending ranks -> etp innermost, then ep, then edp
     ep_groups, etp_groups, edp_groups = [], [], []
     for stage in range(pp):
@@ -143,7 +148,7 @@ def _key(plan: PlanSpec, world: int) -> tuple:
 
 
 def rank_groups(plan: PlanSpec, world: int) -> dict[str, tuple[tuple[int, ...], ...]]:
-    """Every group of each kind (tp, sp, dp, pp, ep, etp, edp, dp_sp) as sorted tuples of global ranks."""
+    """Every group of each kind (tp, sp, dp, pp, ep, etp, edp, dp_sp, tp_sp) as sorted tuples of global ranks."""
     return _groups(*_key(plan, world))
 
 

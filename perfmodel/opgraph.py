@@ -204,6 +204,12 @@ class OpGraph:
         t_exp = t_route * L.etp * skew
         norm = b.add(mem("moe.norm", self.t_seq * h * a * 3))
         b.add(gemm("moe.router", self.t_seq, moe.experts, h, dtype="fp32"), after=(norm,))
+        if L.tp * L.sp > 1:
+            # the per-sequence load-balancing loss needs each sequence's expert counts and router
+            # probabilities summed over its shards: one fp32 all-reduce of [micro_batch, 2E]
+            # (Megatron likewise all-reduces tokens_per_expert over TP x CP); backward sums its gradient
+            stats = p.micro_batch * moe.experts * 2 * BYTES["fp32"]
+            b.add(comm("moe.aux_ar", "all_reduce", "tp_sp", L.tp * L.sp, stats, "fp32"))
         b.add(mem("moe.permute", t_route * h * a * 2 + self.t_seq * k * 8))
         if L.ep > 1:
             d = p.compression.dispatch

@@ -8,7 +8,7 @@ OP_NAMES: tuple[str, ...] = (
     "embed.lookup",
     "attn.norm", "attn.tp_ag", "attn.qkv", "attn.sp_a2a_in", "attn.core", "attn.sp_a2a_out",
     "attn.proj", "attn.tp_rs",
-    "moe.norm", "moe.router", "moe.permute", "moe.dispatch_a2a", "moe.etp_ag", "moe.fc1", "moe.act",
+    "moe.norm", "moe.router", "moe.aux_ar", "moe.permute", "moe.dispatch_a2a", "moe.etp_ag", "moe.fc1", "moe.act",
     "moe.fc2", "moe.etp_rs", "moe.combine_a2a", "moe.unpermute", "moe.shared",
     "ffn.norm", "ffn.tp_ag", "ffn.fc1", "ffn.act", "ffn.fc2", "ffn.tp_rs",  # dense (non-MoE) layers
     "head.norm", "head.proj", "head.loss",
@@ -20,7 +20,8 @@ PHASES: tuple[str, ...] = ("fwd", "dgrad", "wgrad", "recompute")
 OP_KINDS: tuple[str, ...] = ("gemm", "attention", "memory", "comm")
 COLLECTIVES: tuple[str, ...] = ("all_to_all", "all_gather", "reduce_scatter", "all_reduce", "send_recv")
 # dp_sp: ranks holding replicas of the non-expert weights (same tp coordinate and stage)
-GROUP_KINDS: tuple[str, ...] = ("tp", "sp", "dp", "pp", "ep", "etp", "edp", "dp_sp")
+# tp_sp: ranks holding shards of the same sequences (same dp coordinate and stage)
+GROUP_KINDS: tuple[str, ...] = ("tp", "sp", "dp", "pp", "ep", "etp", "edp", "dp_sp", "tp_sp")
 
 
 def event_name(op: str, phase: str) -> str:

@@ -210,7 +210,8 @@ class FabricProfile(Strict):
 
 
 class CollectiveFit(Strict):
-    """A calibrated collective (alpha-beta): seconds = latency_us*1e-6 + bytes_per_rank / (bw_GBps*1e9)."""
+    """A calibrated collective (alpha-beta): seconds = latency_us*1e-6 * latency steps + bytes_per_rank /
+    (bw_GBps*1e9); latency steps = perfmodel.collectives.latency_steps (n-1 per ring or peer exchange)."""
 
     latency_us: NonNegFloat
     bw_GBps: PosFloat
@@ -233,6 +234,13 @@ class ProfileSpec(Strict):
     launch_overhead_us: NonNegFloat = 4.0
     fabrics: dict[Literal["nvlink", "pcie", "ib", "ethernet", "loopback"], FabricProfile]
     comm_compute_slowdown: Annotated[float, Field(ge=0, le=5, allow_inf_nan=False)] = 0.0
+    # ranks drift apart while they compute (OS noise, time-shared cores, clock jitter): a layer
+    # collective first waits this fraction of the compute its rank did since its previous
+    # collective for the stragglers. Calibrated (4 gloo ranks on 2 cores: ~0.5); 0 on presets
+    sync_skew: Annotated[float, Field(ge=0, le=5, allow_inf_nan=False)] = 0.0
+    # calibrated collectives: latency grows with the group as (n-1)^latency_exponent steps
+    # (perfmodel.collectives.latency_steps); 1 = rounds in series
+    latency_exponent: Annotated[float, Field(ge=0, le=2, allow_inf_nan=False)] = 1.0
     # calibrated only: per collective, keyed "<collective>.<group kind>" (e.g. all_to_all.ep) or
     # "<collective>" (any group); the fabric's latency/efficiency apply where no key matches
     collectives: dict[str, CollectiveFit] = {}

@@ -14,6 +14,10 @@ Every event is mapped to an op-graph event name `op/phase` (opnames.OP_NAMES) or
   never count twice. On traces with GPU kernels, op time is the device time of the kernels
   each op launched (linked by `correlation`), not the CPU time of the launch.
 * Steps are `ProfilerStep#N` spans; a trace without them (the simulator's) is one step.
+* Profiler overhead: every op also counts the profiler events charged to it (`op_events`), so
+  a caller that knows what one event costs the profiler on that host (perfmodel.calibrate fits
+  it from profiled vs unprofiled step times) can take it out: `op_seconds_per_step(us_per_event)`
+  (never below a fifth of the traced time). GPU kernel times need no correction (events = 0).
 
 Unknown events are tolerated (their time is reported as unattributed); a file that is not a
 Chrome trace raises SpecError naming the file.
@@ -71,6 +75,8 @@ class RankTrace:
     unattributed_us: float  # time inside steps that no op name claims
     unknown_events: int
     meta: dict[str, Any] = field(default_factory=dict)
+    op_events: dict[str, int] = field(default_factory=dict)  # profiler events charged to each op (CPU time)
+    events: int = 0  # profiler events inside the steps (CPU traces)
 
     @property
     def n_steps(self) -> int:
@@ -79,8 +85,19 @@ class RankTrace:
     def step_times_s(self) -> list[float]:
         return [(b - a) * 1e-6 for a, b in self.steps]
 
-    def op_seconds_per_step(self) -> dict[str, float]:
-        return {k: v * 1e-6 / self.n_steps for k, v in sorted(self.op_us.items())}
+    def op_seconds_per_step(self, us_per_event: float = 0.0) -> dict[str, float]:
+        """Seconds per step of each op event, less `us_per_event` of profiler cost per event charged to it."""
+        c = max(0.0, us_per_event)
+        return {k: max(v - c * self.op_events.get(k, 0), 0.2 * v) * 1e-6 / self.n_steps
+                for k, v in sorted(self.op_us.items())}
+
+    def unattributed_s_per_step(self, us_per_event: float = 0.0) -> float:
+        """Step time no op claims, less the profiler cost of the events in it."""
+        free = self.events - sum(self.op_events.values())
+        return max(0.0, self.unattributed_us - max(0.0, us_per_event) * free) * 1e-6 / self.n_steps
+
+    def step_events(self) -> float:
+        return self.events / self.n_steps
 
     def counts_per_step(self) -> dict[str, float]:
         out: dict[str, float] = defaultdict(float)
@@ -251,12 +268,14 @@ def read_trace(path: str | Path, meta: dict[str, Any] | None = None) -> RankTrac
         return None
 
     op_us: dict[str, float] = defaultdict(float)
+    op_events: dict[str, int] = defaultdict(int)
+    n_counted = 0
     spans: list[Span] = []
     unknown = 0
     corr_label: dict[Any, Label] = {}
     for (pid, tid), roots in threads.items():
         def visit(n: _Node, inherited: Label | None, span: Span | None, pid: Any = pid, tid: Any = tid) -> None:
-            nonlocal unknown
+            nonlocal unknown, n_counted
             cur = n.label or inherited
             if n.label is not None and (span is None or n.label != inherited):
                 span = Span(n.label[0], n.label[1], n.start, n.end - n.start, step=step_of(n.start),
@@ -271,10 +290,12 @@ def read_trace(path: str | Path, meta: dict[str, Any] | None = None) -> RankTrac
             own = (n.end - n.start) - sum(c.end - c.start for c in n.children)
             counted = bounds is not None or step_of(n.start) is not None
             if counted and not _STEP.match(n.name):
+                n_counted += 1
                 if cur is not None and span is not None:
                     span.self_us += max(0.0, own)
                     if not device:
                         op_us[f"{cur[0]}/{cur[1]}"] += max(0.0, own)
+                        op_events[f"{cur[0]}/{cur[1]}"] += 1
             for c in n.children:
                 visit(c, cur, span)
 
@@ -294,7 +315,10 @@ def read_trace(path: str | Path, meta: dict[str, Any] | None = None) -> RankTrac
     info.setdefault("host", top.get("host_name", ""))
     if isinstance(top.get("moeperf_run"), dict):  # who wrote it (runtime/profiling.py): checked by read_run
         info["recorded_as"] = top["moeperf_run"]
-    return RankTrace(str(path), source, bool(device), steps, spans, dict(op_us), unattributed, unknown, info)
+    if device:  # op times are kernel times: the profiler's CPU cost is not in them
+        op_events, n_counted = defaultdict(int), 0
+    return RankTrace(str(path), source, bool(device), steps, spans, dict(op_us), unattributed, unknown, info,
+                     dict(op_events), n_counted)
 
 
 def rank_files(trace_dir: str | Path) -> list[Path]:

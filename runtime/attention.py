@@ -86,7 +86,7 @@ class Attention(nn.Module):
                 k = k.repeat_interleave(self.nhl // nkvl, dim=2)
                 v = v.repeat_interleave(self.nhl // nkvl, dim=2)
         with record_function("attn.sp_a2a_in/fwd"):
-            q, k, v = (comm.seq_to_heads(t, sp_pg) for t in (q, k, v))  # [B, S, heads/sp, D]
+            q, k, v = _qkv_to_heads(q, k, v, sp_pg, sp)  # [B, S, heads/sp, D]
         with record_function("attn.core/fwd"):
             rep = q.shape[2] // k.shape[2]
             if rep > 1:
@@ -101,3 +101,15 @@ class Attention(nn.Module):
             y = F.linear(o.reshape(b, s, self.nhl * self.d), self.wo)  # partial sums over tp
         with record_function("attn.tp_rs/fwd"):
             return comm.reduce_scatter(y, 1, tp_pg)
+
+
+def _qkv_to_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group, n: int):
+    """Ulysses for q, k and v in ONE all-to-all (one synchronisation, not three): peer i's chunk is
+    its q heads, then its k heads, then its v heads; pure data movement, so results are identical."""
+    if n == 1:
+        return q, k, v
+    b, s, _, d = q.shape
+    widths = [t.shape[2] // n for t in (q, k, v)]
+    packed = torch.cat([t.reshape(b, s, n, w, d) for t, w in zip((q, k, v), widths, strict=True)], dim=3)
+    y = comm.seq_to_heads(packed.reshape(b, s, n * sum(widths), d), group)  # [B, S*n, sum(widths), D]
+    return y.split(widths, dim=2)

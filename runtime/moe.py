@@ -45,12 +45,15 @@ def torch_expert_fn(x: torch.Tensor, tokens_per_expert: torch.Tensor, w1: torch.
                     w2: torch.Tensor) -> torch.Tensor:
     """Reference grouped SwiGLU: one pair of GEMMs per local expert over its contiguous rows."""
     parts = x.split(tokens_per_expert.tolist(), dim=0)
+    # unbind once, not w1[e] per expert: each select's backward would zero-fill a whole [E, ...]
+    # gradient (E^2 memory traffic); unbind's backward stacks the E slices in one allocation
+    w1s, w3s, w2s = w1.unbind(0), w3.unbind(0), w2.unbind(0)
     with record_function("moe.fc1/fwd"):
-        h = [(p @ w1[e], p @ w3[e]) for e, p in enumerate(parts)]
+        h = [(p @ w1s[e], p @ w3s[e]) for e, p in enumerate(parts)]
     with record_function("moe.act/fwd"):
         a = [F.silu(g) * u for g, u in h]
     with record_function("moe.fc2/fwd"):
-        out = [t @ w2[e] for e, t in enumerate(a)]
+        out = [t @ w2s[e] for e, t in enumerate(a)]
     return torch.cat(out, 0) if out else x.new_zeros((0, w2.shape[-1]))
 
 
@@ -134,11 +137,12 @@ class MoE(nn.Module):
         par = self.par
         with torch.no_grad():
             counts = F.one_hot(idx, self.E).sum(1).view(b, -1, self.E).sum(1).float()  # [B, E]
-            for kind in ("tp", "sp"):
-                counts = pops.all_reduce(counts, par.pg(kind))
         psum = probs.view(b, -1, self.E).sum(1)  # [B, E], differentiable
-        for kind in ("tp", "sp"):
-            psum = pops.all_reduce(psum, par.pg(kind))
+        pg = par.pg("tp_sp")
+        if pg is not None:  # one all-reduce of both statistics over the shards of these sequences
+            with record_function("moe.aux_ar/fwd"):
+                both = pops.all_reduce(torch.cat([counts, psum], dim=1), pg)
+            counts, psum = both[:, : self.E].detach(), both[:, self.E:]
         s = self.seq_len
         aux_b = self.E * (counts / (s * self.k) * psum / s).sum(-1)  # [B]
         shards = par.size("tp") * par.size("sp")  # every shard of a sequence computes the same aux_b
@@ -190,7 +194,8 @@ class MoE(nn.Module):
             return _Local(x)
         wire, grad_wire = self._wires(x.device)[which]
         if self.chunks == 1 and not self.defer_wgrad:  # no overlap: one blocking all-to-all
-            return _Local(comm.all_to_all_autograd(x, ins, outs, pg, wire, grad_wire, name=name))
+            with record_function(f"{name}/fwd"):  # its backward is attributed to name/dgrad through this span
+                return _Local(comm.all_to_all_autograd(x, ins, outs, pg, wire, grad_wire, name=name))
         return overlap.start_a2a(x, ins, outs, pg, wire, grad_wire, name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -137,8 +137,8 @@ class StepProfiler:
             "run_id": self.out_dir.name, "model": model, "plan": plan, "cluster": cluster, "world_size": self.world,
             "profile_steps": [a, b], "host": socket.gethostname(), "versions": versions(),
             "torch_threads": torch.get_num_threads(), "argv": list(sys.argv),
-            # wall time of the unprofiled steps after the first two (warm-up), and of the profiled ones
-            "step_times_s": [round(t, 6) for s, t in times if not (a <= s <= b) and s > 2],
+            # wall time of the unprofiled steps after the first three (warm-up), and of the profiled ones
+            "step_times_s": [round(t, 6) for s, t in times if not (a <= s <= b) and s > 3],
             "profiled_step_times_s": [round(t, 6) for s, t in times if a <= s <= b],
             **self.extra,
         }

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from perfmodel.collectives import CollectiveCost, collective_cost
+from perfmodel.collectives import CollectiveCost, collective_cost, latency_steps
 from perfmodel.hardware import Hardware
 from perfmodel.layout import rank_group_index, rank_groups
 from perfmodel.opgraph import Op, OpGraph
@@ -50,6 +50,7 @@ class _Ctx:
     index: dict[str, dict[int, tuple[int, ...]]]  # kind -> rank -> its group (layout.rank_group_index)
     reps: tuple[int, ...]  # representative rank of each stage
     fits: dict[str, CollectiveFit]  # calibrated alpha-beta per "collective.group" or "collective"
+    exponent: float = 1.0  # calibrated latency growth with group size (ProfileSpec.latency_exponent)
 
     def group(self, kind: str, stage: int) -> tuple[int, ...]:
         return self.index[kind][self.reps[stage]]
@@ -63,7 +64,8 @@ class _Ctx:
         # a calibrated profile measured this collective on this kind of group: its alpha-beta
         # (seconds = latency + bytes_per_rank * imbalance / bw) replaces the topology's estimate
         per_payload = op.bytes_per_rank * op.imbalance / op.bytes
-        return CollectiveCost(fit.latency_us * 1e-6, per_payload / (fit.bw_GBps * 1e9), cost.link_class,
+        steps = latency_steps(op.collective or "", len(g), self.exponent)
+        return CollectiveCost(fit.latency_us * 1e-6 * steps, per_payload / (fit.bw_GBps * 1e9), cost.link_class,
                               f"{cost.algorithm}+calibrated")
 
 
@@ -92,7 +94,7 @@ def simulate(model: ModelSpec, cluster: ClusterSpec, plan: PlanSpec, profile: Pr
     hw = Hardware.of(profile)
     topo = topology_for(cluster, profile)
     index = rank_group_index(plan, world)
-    ctx = _Ctx(topo, rank_groups(plan, world), index, index["pp"][0], profile.collectives)
+    ctx = _Ctx(topo, rank_groups(plan, world), index, index["pp"][0], profile.collectives, profile.latency_exponent)
 
     runs: dict[str, tuple[LayerRun, LayerRun]] = {}
     for kind, lg in graph.layers.items():

@@ -18,6 +18,8 @@ Overlap is modelled as the runtime executes it (runtime/moe.py, runtime/overlap.
             `as_executed` (tile -> chunk)
 Compute and comm share the rank's resources in a FluidNet: comm ops share their bounding
 link class, and compute slows by the profile's interference factor while comm runs.
+Straggler wait: a collective first waits `sync_skew` x the compute its rank did since its
+previous collective started (peers drift apart in proportion to the work between syncs).
 """
 
 from __future__ import annotations
@@ -202,11 +204,16 @@ def _run(ops: list[Op], overlap: OverlapSpec, hw: Hardware, comm_cost: Callable[
         if serial:
             s.stream = "compute"
     busy = [0.0]
+    since_sync = [0.0]  # compute seconds since the last collective started
+    skew = hw.profile.sync_skew
 
     def execute(s: SimOp):
         s.start_s = env.now
         if s.op.kind == "comm":
             c = comm_cost(s.op)
+            wait, since_sync[0] = skew * since_sync[0], 0.0
+            if wait > 0:
+                yield env.timeout(wait)
             if s.latency and c.latency_s:
                 yield env.timeout(c.latency_s)
             job = net.submit(s.op.bytes * s.frac * c.s_per_byte, (c.link_class,), "comm")
@@ -216,6 +223,7 @@ def _run(ops: list[Op], overlap: OverlapSpec, hw: Hardware, comm_cost: Callable[
         s.end_s = env.now
         if s.op.kind != "comm":
             busy[0] += s.end_s - s.start_s
+            since_sync[0] += s.end_s - s.start_s
         s.done.succeed()
 
     def in_order(queue: list[SimOp]):

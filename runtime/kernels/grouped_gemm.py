@@ -28,7 +28,8 @@ def counts_to_offsets(counts: torch.Tensor) -> torch.Tensor:
 def grouped_gemm_torch(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Reference: one matmul per expert (differentiable through plain autograd)."""
     parts = torch.split(x, [int(c) for c in counts.tolist()], dim=0)
-    outs = [p @ w[e] for e, p in enumerate(parts)]
+    ws = w.unbind(0)  # one stacked gradient in backward, not a zero-filled [E, K, N] per expert
+    outs = [p @ ws[e] for e, p in enumerate(parts)]
     if not outs:
         return x.new_zeros(0, w.shape[2])
     return torch.cat(outs, dim=0)

@@ -8,6 +8,7 @@ import pytest
 from perfmodel.calibrate import fit_profile, linfit, plot_fits, profile_yaml
 from perfmodel.calibrate_data import Sample
 from perfmodel.cli import main as cli
+from perfmodel.collectives import latency_steps
 from perfmodel.hardware import Hardware
 from perfmodel.opgraph import Op
 from perfmodel.specs import load_spec, parse_spec
@@ -49,8 +50,9 @@ def test_fit_profile_recovers_the_generating_profile(tmp_path):
     assert prof.memory_efficiency.max == pytest.approx(0.6, rel=1e-3)
     assert prof.gemm_efficiency.max == pytest.approx(0.5, rel=1e-3)
     assert prof.gemm_efficiency.half_work == pytest.approx(2e6, rel=1e-2)
-    a2a = prof.collectives["all_to_all.ep"]
-    assert a2a.latency_us == pytest.approx(40.0, rel=1e-3) and a2a.bw_GBps == pytest.approx(2.0, rel=1e-3)
+    a2a = prof.collectives["all_to_all.ep"]  # latency per step: 3 peer exchanges in a group of 4
+    assert a2a.latency_us * latency_steps("all_to_all", 4) == pytest.approx(40.0, rel=1e-3)
+    assert a2a.bw_GBps == pytest.approx(2.0, rel=1e-3)
     assert prof.fabrics["loopback"].efficiency == pytest.approx(0.4, rel=1e-3)
     assert prof.calibrated_from == ["runA"] and prof.residuals["gemm.bf16.rms_rel_err"] < 1e-6
     # the YAML round-trips through the profile schema; one PNG per fit
@@ -58,6 +60,31 @@ def test_fit_profile_recovers_the_generating_profile(tmp_path):
     assert again == prof
     pngs = plot_fits(fits, tmp_path, "cal")
     assert len(pngs) == len(fits) and all(p.stat().st_size > 1000 for p in pngs)
+
+
+def test_straggler_skew_and_latency_growth_are_recovered():
+    """Collectives timed as t = 300us x (n-1)^0.5 + bytes / 1 GB/s + 0.5 x (work since the previous
+    collective), on groups of 2 and 4 and several payloads: the fit finds skew 0.5 and exponent 0.5,
+    and the simulator's cost of a 4-rank all-to-all then matches its generating time."""
+    base = load_spec("cpu", "profile")
+    out = []
+    for n in (2, 4):
+        for i, interval in enumerate((1e-3, 3e-3, 6e-3)):
+            nbytes = 2.0 ** (14 + 3 * i)
+            t = 300e-6 * (n - 1) ** 0.5 + nbytes / 1e9 + 0.5 * interval
+            out.append(Sample("r", "p", 0, "moe.dispatch_a2a/fwd", "comm", "bf16", 0.0, nbytes, t, 4.0,
+                              "all_to_all", "ep", n, interval_s=interval))
+            t2 = 300e-6 * 2 * (n - 1) ** 0.5 + 4096 / 1e9 + 0.5 * interval
+            out.append(Sample("r", "p", 0, "moe.aux_ar/fwd", "comm", "fp32", 0.0, 4096.0, t2, 4.0,
+                              "all_reduce", "tp_sp", n, interval_s=interval))
+    mem = Op("moe.act", "fwd", "memory", bytes=4096.0)
+    out.append(Sample("r", "p", 0, mem.event, "memory", "bf16", 0.0, 4096.0, 1e-5, 1.0))
+    prof, _ = fit_profile(out, base, ["runA"])
+    assert prof.sync_skew == pytest.approx(0.5, abs=0.021)
+    assert prof.latency_exponent == pytest.approx(0.5, abs=0.051)
+    fit = prof.collectives["all_reduce.tp_sp"]
+    assert fit.latency_us * latency_steps("all_reduce", 4, prof.latency_exponent) == pytest.approx(
+        600 * 3 ** 0.5, rel=0.1)
 
 
 def test_calibrate_cli_bad_input_exit_2(tmp_path, capsys):
