@@ -265,14 +265,13 @@ def fit_profile(samples: list[Sample], base: ProfileSpec, sources: list[str], li
         record(key, ss, a, b, "bytes")
         coll[key.removeprefix("comm.")] = {"latency_us": _sig(a * 1e6), "bw_GBps": _sig(max(1e-9, 1 / b / 1e9))}
         by_coll[ss[0].collective or "?"].extend(ss)
-    rate = _fabric_fit([s for ss in by_coll.values() for s in ss])[1] if by_coll else 1.0
-    for name, ss in sorted(by_coll.items()):
-        a, b = _key_fit(ss, rate, exponent)
-        coll.setdefault(name, {"latency_us": _sig(a * 1e6), "bw_GBps": _sig(max(1e-9, 1 / b / 1e9))})
     comm = [s for ss in by_coll.values() for s in ss]
     if comm:
+        lat, rate = _fabric_fit(comm)  # one fabric for every collective: the rate the per-kind fits fall back on
+        for name, ss in sorted(by_coll.items()):
+            a, b = _key_fit(ss, rate, exponent)
+            coll.setdefault(name, {"latency_us": _sig(a * 1e6), "bw_GBps": _sig(max(1e-9, 1 / b / 1e9))})
         d["collectives"] = coll
-        lat, rate = _fabric_fit(comm)
         fabric = next(iter(d["fabrics"]))
         bw = link_bw_GBps or rate / 1e9
         d["fabrics"] = {**d["fabrics"], fabric: {

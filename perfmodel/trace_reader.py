@@ -290,7 +290,7 @@ def read_trace(path: str | Path, meta: dict[str, Any] | None = None) -> RankTrac
             own = (n.end - n.start) - sum(c.end - c.start for c in n.children)
             counted = bounds is not None or step_of(n.start) is not None
             if counted and not _STEP.match(n.name):
-                n_counted += 1
+                n_counted += not device  # profiler events in CPU time (kernel times carry none)
                 if cur is not None and span is not None:
                     span.self_us += max(0.0, own)
                     if not device:
@@ -315,8 +315,6 @@ def read_trace(path: str | Path, meta: dict[str, Any] | None = None) -> RankTrac
     info.setdefault("host", top.get("host_name", ""))
     if isinstance(top.get("moeperf_run"), dict):  # who wrote it (runtime/profiling.py): checked by read_run
         info["recorded_as"] = top["moeperf_run"]
-    if device:  # op times are kernel times: the profiler's CPU cost is not in them
-        op_events, n_counted = defaultdict(int), 0
     return RankTrace(str(path), source, bool(device), steps, spans, dict(op_us), unattributed, unknown, info,
                      dict(op_events), n_counted)
 
