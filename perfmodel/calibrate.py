@@ -17,8 +17,9 @@ Every fit is a straight line in the op's work, solved by least squares on relati
   unprofiled step times of the runs and taken out of every sample (perfmodel.calibrate_data);
 * framework overhead: step time outside every op span (Python glue, small unnamed ops) per
   compute-op instance is added to `launch_overhead_us` (on CPU it is a large share of a step);
-* `sync_skew`: a collective's straggler wait as a fraction of the work its rank did since its
-  previous collective (ranks drift apart while they compute), chosen jointly with the
+* `sync_skew`: the spread of the ranks' arrival at a collective as a fraction of the work each
+  did since its previous collective (ranks drift apart while they compute; the mean rank waits
+  for the last of its n peers: perfmodel.collectives.straggler_wait_s), chosen jointly with the
   collectives' alpha-beta fits (which are then fitted on the time without that wait);
 * `comm_compute_slowdown`: how much slower GEMMs run in plans that overlap communication
   with compute than the fit of the plans that do not predicts (kept from the base profile
@@ -43,7 +44,7 @@ import yaml
 from perfmodel import atomic
 from perfmodel.argparse_util import parser
 from perfmodel.calibrate_data import Sample, collect
-from perfmodel.collectives import latency_steps
+from perfmodel.collectives import latency_steps, straggler_wait_s
 from perfmodel.specs import ProfileSpec, SpecError, load_spec, parse_spec
 from perfmodel.trace_reader import read_meta
 
@@ -118,9 +119,13 @@ def _wfit(samples: list[Sample]) -> tuple[float, float]:
     return linfit(*_arrays(samples), weight=np.array([s.instances for s in samples], float))
 
 
+def _wait(s: Sample, skew: float) -> float:
+    return straggler_wait_s(skew, s.interval_s, s.group_size)
+
+
 def _less_wait(s: Sample, skew: float) -> Sample:
-    """The sample without its straggler wait (skew x the work since the previous collective)."""
-    return replace(s, seconds=max(s.seconds - skew * s.interval_s, 0.05 * s.seconds))
+    """The sample without its straggler wait (perfmodel.collectives.straggler_wait_s)."""
+    return replace(s, seconds=max(s.seconds - _wait(s, skew), 0.05 * s.seconds))
 
 
 def _key_fit(ss: list[Sample], rate: float, exponent: float = 1.0) -> tuple[float, float]:
@@ -146,21 +151,22 @@ def _comm_fits(comm: dict[str, list[Sample]], skew: float, exponent: float = 1.0
     rest = {k: [_less_wait(s, skew) for s in ss] for k, ss in comm.items()}
     rate = _fabric_fit([s for ss in rest.values() for s in ss])[1]
     fits = {k: _key_fit(ss, rate, exponent) for k, ss in rest.items()}
-    err = sum(((a * hops(s, exponent) + b * s.work + skew * s.interval_s - s.seconds) / s.seconds) ** 2
+    err = sum(((a * hops(s, exponent) + b * s.work + _wait(s, skew) - s.seconds) / s.seconds) ** 2
               for k, (a, b) in fits.items() for s in comm[k])
     return fits, err
 
 
 def _comm_model(comm: dict[str, list[Sample]]) -> tuple[float | None, float | None]:
-    """(`sync_skew`, `latency_exponent`): the straggler share of the preceding work each collective
-    waits, and how latency grows with the group, chosen jointly with every collective's alpha-beta
-    refitted on the rest (grid: skew 0..2, exponent 0..1; least relative error). Each is None when
+    """(`sync_skew`, `latency_exponent`): the ranks' drift per second of work between collectives
+    (their straggler wait), and how latency grows with the group, chosen jointly with every
+    collective's alpha-beta refitted on the rest (grid: skew 0..3, exponent 0..1; least relative
+    error). Each is None when
     the samples cannot tell (no intervals; no collective kind seen on two group sizes)."""
     if not comm:
         return None, None
     tell_skew = any(s.interval_s > 0 for ss in comm.values() for s in ss)
     tell_exp = any(len({s.group_size for s in ss}) > 1 for ss in comm.values())
-    skews = np.linspace(0.0, 2.0, 101) if tell_skew else [0.0]
+    skews = np.linspace(0.0, 3.0, 151) if tell_skew else [0.0]
     exps = np.linspace(0.0, 1.0, 11) if tell_exp else [1.0]
     best = min((_comm_fits(comm, float(g), float(p))[1], float(g), float(p)) for g in skews for p in exps)
     return (best[1] if tell_skew else None), (best[2] if tell_exp else None)

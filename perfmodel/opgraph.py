@@ -19,7 +19,7 @@ from perfmodel.layout import Layout, plan_layout
 from perfmodel.opnames import OP_NAMES
 from perfmodel.specs import ModelSpec, PlanSpec
 
-BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
+BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1, "int64": 8}
 ACT = "bf16"  # activations and weights are bf16 in every plan (mixed precision)
 FP8_SCALE_BYTES_PER_TOKEN = 4  # one fp32 scale per token (per-token e4m3 quantization)
 
@@ -91,6 +91,8 @@ _REVERSE = {"all_to_all": "all_to_all", "all_gather": "reduce_scatter", "reduce_
             "all_reduce": "all_reduce", "send_recv": "send_recv"}
 # ops whose outputs selective recomputation drops and regenerates in backward (cheap to redo)
 QUANT_OPS = {"moe.dispatch_quant", "moe.dispatch_dequant", "moe.combine_quant", "moe.combine_dequant"}
+# forward-only ops: nothing flows back through them (quantization; the token-count exchange)
+NO_GRAD = QUANT_OPS | {"moe.dispatch_counts"}
 SELECTIVE = {"attn.norm", "moe.norm", "ffn.norm", "moe.act", "ffn.act", "moe.permute", "attn.tp_ag",
              "ffn.tp_ag", "moe.etp_ag"}
 
@@ -108,8 +110,9 @@ def _backward(fwd: list[Op], recompute: str) -> list[Op]:
         out.append(Op(**{**op.__dict__, "phase": "recompute", "deps": (prev,) if prev else ()}))
         prev = out[-1].event
     start = (prev,) if prev else ()
-    # quantize/dequantize exist only around compressed forward collectives: backward is bf16
-    grad_of = {op.event: op for op in fwd if op.name not in QUANT_OPS}
+    # quantize/dequantize exist only around compressed forward collectives (backward is bf16), and
+    # backward reuses the forward's token counts
+    grad_of = {op.event: op for op in fwd if op.name not in NO_GRAD}
 
     def dgrad_deps(event: str) -> tuple[str, ...]:
         out: list[str] = []
@@ -212,6 +215,12 @@ class OpGraph:
             b.add(comm("moe.aux_ar", "all_reduce", "tp_sp", L.tp * L.sp, stats, "fp32"))
         b.add(mem("moe.permute", t_route * h * a * 2 + self.t_seq * k * 8))
         if L.ep > 1:
+            # the uneven all-to-all needs every peer's row counts first: one small blocking exchange
+            # of [ep, chunks, experts/ep] int64 per micro-batch (Megatron's alltoall dispatcher and
+            # DeepEP's notify_dispatch do the same); latency-bound, and where ranks drift apart it is
+            # the collective that absorbs the wait
+            nc = p.overlap.chunks if p.overlap.intra_op != "none" else 1
+            b.add(comm("moe.dispatch_counts", "all_to_all", "ep", L.ep, nc * moe.experts * BYTES["int64"], "int64"))
             d = p.compression.dispatch
             if d == "fp8":
                 b.add(mem("moe.dispatch_quant", t_route * h * (a + 1)))

@@ -8,7 +8,7 @@ OP_NAMES: tuple[str, ...] = (
     "embed.lookup",
     "attn.norm", "attn.tp_ag", "attn.qkv", "attn.sp_a2a_in", "attn.core", "attn.sp_a2a_out",
     "attn.proj", "attn.tp_rs",
-    "moe.norm", "moe.router", "moe.aux_ar", "moe.permute", "moe.dispatch_a2a", "moe.etp_ag", "moe.fc1", "moe.act",
+    "moe.norm", "moe.router", "moe.aux_ar", "moe.permute", "moe.dispatch_counts", "moe.dispatch_a2a", "moe.etp_ag", "moe.fc1", "moe.act",
     "moe.fc2", "moe.etp_rs", "moe.combine_a2a", "moe.unpermute", "moe.shared",
     "ffn.norm", "ffn.tp_ag", "ffn.fc1", "ffn.act", "ffn.fc2", "ffn.tp_rs",  # dense (non-MoE) layers
     "head.norm", "head.proj", "head.loss",

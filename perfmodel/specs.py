@@ -234,9 +234,10 @@ class ProfileSpec(Strict):
     launch_overhead_us: NonNegFloat = 4.0
     fabrics: dict[Literal["nvlink", "pcie", "ib", "ethernet", "loopback"], FabricProfile]
     comm_compute_slowdown: Annotated[float, Field(ge=0, le=5, allow_inf_nan=False)] = 0.0
-    # ranks drift apart while they compute (OS noise, time-shared cores, clock jitter): a layer
-    # collective first waits this fraction of the compute its rank did since its previous
-    # collective for the stragglers. Calibrated (4 gloo ranks on 2 cores: ~0.5); 0 on presets
+    # ranks drift apart while they compute (OS noise, time-shared cores, clock jitter): the spread
+    # of their arrival at a layer collective is this fraction of the compute each did since its
+    # previous collective, and the collective first waits for the last of its n ranks
+    # (perfmodel.collectives.straggler_wait_s). Calibrated on gloo ranks sharing cores; 0 on presets
     sync_skew: Annotated[float, Field(ge=0, le=5, allow_inf_nan=False)] = 0.0
     # calibrated collectives: latency grows with the group as (n-1)^latency_exponent steps
     # (perfmodel.collectives.latency_steps); 1 = rounds in series

@@ -214,7 +214,7 @@ class MoE(nn.Module):
         with record_function("moe.permute/fwd"):
             parts = [self._permute(t[cut[c]:cut[c + 1]], idx[cut[c]:cut[c + 1]]) for c in range(nc)]
         counts = torch.stack([p[1] for p in parts]).view(nc, self.ep, self.El)
-        with record_function("moe.dispatch_a2a/fwd"):  # every chunk's counts in one exchange
+        with record_function("moe.dispatch_counts/fwd"):  # every chunk's counts in one exchange
             recv = pops.exchange_counts(counts.transpose(0, 1).contiguous(), self.par.pg("ep"))  # [src, c, El]
         send_splits = counts.sum(2).tolist()  # [c][peer]
         recv_splits = recv.sum(2).t().tolist()

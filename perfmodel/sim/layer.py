@@ -18,8 +18,9 @@ Overlap is modelled as the runtime executes it (runtime/moe.py, runtime/overlap.
             `as_executed` (tile -> chunk)
 Compute and comm share the rank's resources in a FluidNet: comm ops share their bounding
 link class, and compute slows by the profile's interference factor while comm runs.
-Straggler wait: a collective first waits `sync_skew` x the compute its rank did since its
-previous collective started (peers drift apart in proportion to the work between syncs).
+Straggler wait: peers drift apart in proportion to the work between syncs, so a collective
+first waits for the last of its n ranks: `sync_skew` x the compute its rank did since its
+previous collective started x E[max of n normals] (perfmodel.collectives.straggler_wait_s).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from dataclasses import dataclass, field
 
 import simpy
 
-from perfmodel.collectives import CollectiveCost
+from perfmodel.collectives import CollectiveCost, straggler_wait_s
 from perfmodel.hardware import Hardware
 from perfmodel.opgraph import QUANT_OPS, Op
 from perfmodel.sim.fluid import FluidNet
@@ -39,6 +40,7 @@ CHAIN_GROUPS = ("ep", "etp")  # collectives pipelined with their GEMM by intra-o
 # chunks the expert-parallel token path only: TP all-gather/reduce-scatter stay whole)
 CHAIN_MEMORY = QUANT_OPS  # (de)quantize kernels around a compressed collective are pipelined with it
 EXPERT_BODY = ("moe.act", "moe.fc2", "moe.fc1")  # chunked with the dispatch/combine a2a around them
+UNCHAINED = ("moe.dispatch_counts",)  # one exchange of every chunk's counts, before the first chunk
 DEFERRED_WGRAD = ("moe.fc1", "moe.fc2")  # inter-op: wgrad deferred under the dispatch gradient a2a
 
 
@@ -82,7 +84,7 @@ def _chains(ops: list[Op]) -> list[list[Op]]:
         for d in op.deps:
             if d in cons:
                 cons[d].append(op)
-    link = lambda o: o.kind == "comm" or o.name in CHAIN_MEMORY  # noqa: E731
+    link = lambda o: (o.kind == "comm" and o.name not in UNCHAINED) or o.name in CHAIN_MEMORY  # noqa: E731
     taken: set[str] = set()
     out = []
     for g in ops:
@@ -211,7 +213,7 @@ def _run(ops: list[Op], overlap: OverlapSpec, hw: Hardware, comm_cost: Callable[
         s.start_s = env.now
         if s.op.kind == "comm":
             c = comm_cost(s.op)
-            wait, since_sync[0] = skew * since_sync[0], 0.0
+            wait, since_sync[0] = straggler_wait_s(skew, since_sync[0], s.op.group_size), 0.0
             if wait > 0:
                 yield env.timeout(wait)
             if s.latency and c.latency_s:

@@ -8,7 +8,7 @@ import pytest
 from perfmodel.calibrate import fit_profile, linfit, plot_fits, profile_yaml
 from perfmodel.calibrate_data import Sample
 from perfmodel.cli import main as cli
-from perfmodel.collectives import latency_steps
+from perfmodel.collectives import latency_steps, straggler_wait_s
 from perfmodel.hardware import Hardware
 from perfmodel.opgraph import Op
 from perfmodel.specs import load_spec, parse_spec
@@ -63,18 +63,20 @@ def test_fit_profile_recovers_the_generating_profile(tmp_path):
 
 
 def test_straggler_skew_and_latency_growth_are_recovered():
-    """Collectives timed as t = 300us x (n-1)^0.5 + bytes / 1 GB/s + 0.5 x (work since the previous
-    collective), on groups of 2 and 4 and several payloads: the fit finds skew 0.5 and exponent 0.5,
-    and the simulator's cost of a 4-rank all-to-all then matches its generating time."""
+    """Collectives timed as t = 300us x (n-1)^0.5 + bytes / 1 GB/s + a straggler wait (spread 0.5 x
+    the work since the previous collective, waiting for the last of n), on groups of 2 and 4 and
+    several payloads: the fit finds skew 0.5 and exponent 0.5, and the simulator's cost of a
+    4-rank all-reduce then matches its generating time."""
     base = load_spec("cpu", "profile")
     out = []
     for n in (2, 4):
         for i, interval in enumerate((1e-3, 3e-3, 6e-3)):
             nbytes = 2.0 ** (14 + 3 * i)
-            t = 300e-6 * (n - 1) ** 0.5 + nbytes / 1e9 + 0.5 * interval
+            wait = straggler_wait_s(0.5, interval, n)
+            t = 300e-6 * (n - 1) ** 0.5 + nbytes / 1e9 + wait
             out.append(Sample("r", "p", 0, "moe.dispatch_a2a/fwd", "comm", "bf16", 0.0, nbytes, t, 4.0,
                               "all_to_all", "ep", n, interval_s=interval))
-            t2 = 300e-6 * 2 * (n - 1) ** 0.5 + 4096 / 1e9 + 0.5 * interval
+            t2 = 300e-6 * 2 * (n - 1) ** 0.5 + 4096 / 1e9 + wait
             out.append(Sample("r", "p", 0, "moe.aux_ar/fwd", "comm", "fp32", 0.0, 4096.0, t2, 4.0,
                               "all_reduce", "tp_sp", n, interval_s=interval))
     mem = Op("moe.act", "fwd", "memory", bytes=4096.0)

@@ -56,6 +56,18 @@ def test_collective_bytes_sp8_ep8():
     assert _comm(g, "moe.dispatch_a2a/fwd").bytes_per_rank / MiB == 7.0
 
 
+@pytest.mark.parametrize("overlap,chunks", [(dict(), 1), (dict(intra_op="chunk", chunks=4), 4)])
+def test_token_counts_exchanged_once_per_micro_batch_forward_only(overlap, chunks):
+    g = OpGraph(MIXTRAL, PlanSpec(sp=8, ep=8, global_batch=64, overlap=overlap), 64)
+    counts = [op for op in g.layers["moe"].ops if op.name == "moe.dispatch_counts"]
+    assert [op.phase for op in counts] == ["fwd"]  # backward reuses the forward's counts
+    # [ep, chunks, experts/ep] int64 per rank; 7/8 leave it
+    assert counts[0].bytes_per_rank == 8 * chunks * 1 * 8 * 7 / 8
+    assert _comm(g, "moe.dispatch_a2a/fwd").deps == ("moe.dispatch_counts/fwd",)
+    dense = OpGraph(MIXTRAL, PlanSpec(sp=8, global_batch=64), 64)
+    assert not any(op.name == "moe.dispatch_counts" for op in dense.layers["moe"].ops)
+
+
 def test_collective_bytes_tp4_ep2_fp8():
     # tp=4: attention all-gathers the full sequence (4096 x 4096 bf16 = 32 MiB), sends 3/4 of it
     p = PlanSpec(tp=4, ep=2, pp=2, global_batch=64, compression=dict(dispatch="fp8"))

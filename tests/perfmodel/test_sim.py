@@ -1,9 +1,10 @@
 import json
+import math
 
 import pytest
 
 from perfmodel.chrometrace import dumps
-from perfmodel.collectives import CollectiveCost
+from perfmodel.collectives import CollectiveCost, straggler_gap
 from perfmodel.hardware import Hardware
 from perfmodel.opgraph import Op
 from perfmodel.sim import simulate
@@ -178,3 +179,29 @@ def test_chunk_pipelines_the_whole_expert_path_like_the_runtime():
     r = run_layer(ops, OverlapSpec(intra_op="chunk", chunks=4), hw, _cost)
     assert len(r.spans) == 20  # every op of the path in 4 pieces
     assert r.duration_s == pytest.approx(0.002 + 0.018 + 0.002)  # first dispatch piece, compute, last combine piece
+
+
+def test_token_counts_exchange_is_not_chunked():
+    """runtime.moe exchanges every chunk's counts in one all-to-all before the first chunk's dispatch."""
+    hw = Hardware.of(_profile())
+    counts = Op("moe.dispatch_counts", "fwd", "comm", bytes=512, collective="all_to_all", group="ep", group_size=8)
+    a2a = Op("moe.dispatch_a2a", "fwd", "comm", bytes=8e6, collective="all_to_all", group="ep", group_size=8,
+             deps=(counts.event,))
+    fc1 = Op("moe.fc1", "fwd", "gemm", flops=4e9, deps=(a2a.event,), shape=(4, 1, 1, 1))
+    r = run_layer([counts, a2a, fc1], OverlapSpec(intra_op="chunk", chunks=4), hw, _cost)
+    labels = [s.label for s in r.spans]
+    assert labels.count("moe.dispatch_counts/fwd") == 1 and labels[0] == "moe.dispatch_counts/fwd"
+    assert sum(lb.startswith("moe.dispatch_a2a/fwd.") for lb in labels) == 4
+
+
+def test_straggler_wait_grows_with_the_work_before_a_collective_and_its_group():
+    """sync_skew 0.5: a collective after 2 ms of compute first waits 0.5 x 2 ms x E[max of n normals]."""
+    hw = Hardware.of(_profile(sync_skew=0.5))
+    for n in (2, 8):
+        norm = Op("moe.norm", "fwd", "memory", bytes=1e9)  # 2 ms
+        a2a = Op("moe.dispatch_a2a", "fwd", "comm", bytes=4e6, collective="all_to_all", group="ep",
+                 group_size=n, deps=(norm.event,))
+        r = run_layer([norm, a2a], OverlapSpec(), hw, _cost)
+        assert r.duration_s == pytest.approx(0.002 + 0.5 * 0.002 * straggler_gap(n) + 0.004)
+    assert straggler_gap(1) == 0.0 and straggler_gap(2) == pytest.approx(1 / math.sqrt(math.pi), rel=1e-4)
+    assert straggler_gap(4) == pytest.approx(1.0294, rel=1e-3)
