@@ -2,7 +2,10 @@
 
 1. Every fixed plan of the study runs as real training on `world_size` local ranks (torchrun
    of runtime.train with `--profile-steps`), unless `traces/<study>/<plan>/` already holds its
-   traces (`--rerun` forces new runs).
+   traces (`--rerun` forces new runs). `--repeats N` runs each plan N times, in rounds (every
+   plan once per round, so slow drift of the host hits all plans alike), into `<plan>/`,
+   `<plan>.r2/`, ...: the measured step time is the median over the repeats and the report gives
+   their spread (on shared CPU cores one launch differs from the next by up to ~10 %).
 2. The plans marked `calibrate: true` calibrate a profile (perfmodel.calibrate).
 3. Every plan is simulated with that profile; the held-out plans are the test.
 4. Written to DIR (default: beside the study, `<study>-compare/`): `per_step.csv`, `per_op.csv`
@@ -70,6 +73,12 @@ def run_plan(model: ModelSpec, plan: NamedPlan, world: int, cluster: str, run_di
             raise RuntimeError(f"plan {plan.name}: training failed (exit {proc.returncode}): {' | '.join(tail)}")
 
 
+def repeat_dirs(root: Path, plan: str, repeats: int) -> list[Path]:
+    """A plan's run folders: `<plan>/`, then `<plan>.r2/`, `<plan>.r3/`, ... (siblings: a folder of
+    runs given to `moeperf calibrate` expands to every repeat)."""
+    return [root / plan] + [root / f"{plan}.r{k}" for k in range(2, repeats + 1)]
+
+
 def _differences(recorded: Any, expected: dict[str, Any]) -> list[str]:
     if not isinstance(recorded, dict):
         return ["(not recorded)"]
@@ -117,9 +126,14 @@ def measured_ops(model: ModelSpec, plan: NamedPlan, world: int, traces: list[Ran
     return {ev: statistics.fmean(v) for ev, v in per.items()}
 
 
+def _mean_ops(per_repeat: list[dict[str, float]]) -> dict[str, float]:
+    keys = {k for d in per_repeat for k in d}
+    return {k: statistics.fmean(d[k] for d in per_repeat if k in d) for k in keys}
+
+
 def compare(study_path: str, out: Path | None = None, traces_root: Path | None = None, steps: int = 8,
             profile_steps: str = "5:6", rerun: bool = False, timeline_plan: str | None = None,
-            log=print) -> dict[str, Any]:
+            log=print, repeats: int = 1) -> dict[str, Any]:
     from perfmodel.sim import simulate
     from perfmodel.sim.layer import as_executed
 
@@ -138,24 +152,25 @@ def compare(study_path: str, out: Path | None = None, traces_root: Path | None =
             plan_layout(p, model, world)
         except SpecError as exc:
             raise SpecError(f"{study_path}: plan {p.name!r}: {exc}") from None
+    dirs = {p.name: repeat_dirs(traces_root / study.name, p.name, repeats) for p in plans}
     for p in plans:  # recorded traces must be of this model, plan and world size
-        d = traces_root / study.name / p.name
-        if not rerun and (d / "meta.yaml").is_file():
-            check_recorded(d, model, p, world)
-    runs: dict[str, Path] = {}
+        for d in dirs[p.name]:
+            if not rerun and (d / "meta.yaml").is_file():
+                check_recorded(d, model, p, world)
     failed: dict[str, str] = {}
-    for p in plans:
-        d = traces_root / study.name / p.name
-        if rerun or not (d / "meta.yaml").is_file():
-            log(f"running {p.name} on {world} ranks ...")
+    for k in range(repeats):  # in rounds: every plan once per round
+        for p in plans:
+            d = dirs[p.name][k]
+            if p.name in failed or not (rerun or not (d / "meta.yaml").is_file()):
+                continue
+            log(f"running {p.name} on {world} ranks{f' (repeat {k + 1} of {repeats})' if repeats > 1 else ''} ...")
             try:
                 run_plan(model, p, world, cluster_ref, d, steps, profile_steps)
             except (RuntimeError, subprocess.TimeoutExpired) as exc:
                 failed[p.name] = str(exc)
                 log(f"  {exc}")
-                continue
-        runs[p.name] = d
-    cal = [runs[p.name] for p in plans if p.calibrate and p.name in runs]
+    runs = {p.name: dirs[p.name] for p in plans if p.name not in failed}
+    cal = [d for p in plans if p.calibrate and p.name in runs for d in runs[p.name]]
     if not cal:
         raise RuntimeError("every calibration plan failed to run: " + "; ".join(failed.values()))
     profile, _ = calibrate(cal, out / "profile.yaml")
@@ -164,31 +179,36 @@ def compare(study_path: str, out: Path | None = None, traces_root: Path | None =
     for p in plans:
         if p.name not in runs:
             continue
-        meta, traces = read_run(runs[p.name])
-        measured = measured_step_s(meta, traces)
+        reads = [read_run(d) for d in runs[p.name]]
+        per_repeat = [measured_step_s(meta, traces) for meta, traces in reads]
+        measured = statistics.median(per_repeat)
+        spread = 100.0 * (max(per_repeat) - min(per_repeat)) / measured if measured > 0 else 0.0
         # priced as the runtime ran it (tile runs as chunk there: perfmodel.sim.layer.as_executed)
         executed = p.model_copy(update={"overlap": as_executed(p.overlap)})
         sim = simulate(model, cluster, executed, profile, trace=p.name == pick)
         err = 100.0 * (sim.step_time_s - measured) / measured if measured > 0 else float("nan")
         rows.append({"plan": p.name, "held_out": not p.calibrate, "predicted_s": sim.step_time_s,
-                     "measured_s": measured, "error_pct": err})
+                     "measured_s": measured, "error_pct": err, "repeats": len(reads), "measured_spread_pct": spread})
         pred_ops = sim.details.get("layer_ops", {}) or {}
         cost = profile.residuals.get("profiler_us_per_event", 0.0)
-        for ev, m in sorted(measured_ops(model, p, world, traces, cost).items()):
+        ops = _mean_ops([measured_ops(model, p, world, traces, cost) for _meta, traces in reads])
+        for ev, m in sorted(ops.items()):
             if ev in pred_ops and m > 0:
                 op_rows.append({"plan": p.name, "held_out": not p.calibrate, "event": ev,
                                  "predicted_us": pred_ops[ev] * 1e6, "measured_us": m * 1e6,
                                  "error_pct": 100.0 * (pred_ops[ev] - m) / m})
         if p.name == pick:
-            timelines = {"plan": p.name, "sim": sim.timeline, "measured": traces}
+            timelines = {"plan": p.name, "sim": sim.timeline, "measured": reads[0][1]}
         log(f"  {p.name:<18} predicted {sim.step_time_s * 1e3:8.1f} ms  measured {measured * 1e3:8.1f} ms  "
-            f"error {err:+6.1f} %{'' if p.calibrate else '  (held out)'}")
+            f"error {err:+6.1f} %{'' if p.calibrate else '  (held out)'}"
+            f"{f'  (spread of {len(reads)} runs {spread:.1f} %)' if len(reads) > 1 else ''}")
     held = [r for r in rows if r["held_out"]]
     errs = [abs(r["error_pct"]) for r in held]
     summary = {
         "study": study.name, "world_size": world, "profile": str(out / "profile.yaml"),
         "calibrated_on": [p.name for p in plans if p.calibrate and p.name in runs],
-        "held_out": [r["plan"] for r in held], "failed": failed,
+        "held_out": [r["plan"] for r in held], "failed": failed, "repeats": repeats,
+        "measured_spread_pct_median": statistics.median(r["measured_spread_pct"] for r in rows) if rows else 0.0,
         "median_error_pct": statistics.median(errs) if errs else float("nan"),
         "max_error_pct": max(errs) if errs else float("nan"),
         "kendall_tau": kendall_tau([r["predicted_s"] for r in held], [r["measured_s"] for r in held]),
@@ -207,17 +227,21 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--profile-steps", default="5:6")
     ap.add_argument("--rerun", action="store_true", help="run every plan even if its traces exist")
+    ap.add_argument("--repeats", type=int, default=1, help="runs per plan (median step time; spread reported)")
     ap.add_argument("--timeline-plan", default=None, help="plan whose timelines go to timeline.json")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
     if not 1 <= a.steps <= 10**6:
         raise SpecError(f"--steps: {a.steps} must be between 1 and 1000000")
+    if not 1 <= a.repeats <= 20:
+        raise SpecError(f"--repeats: {a.repeats} must be between 1 and 20")
     _profile_steps(a.profile_steps, a.steps)
     for flag, path in (("--out", a.out), ("--traces", a.traces)):
         if path is not None and path.exists() and not path.is_dir():
             raise SpecError(f"{flag}: {path} exists and is not a folder")
     quiet = (lambda *_a, **_k: None) if a.json else print
-    summary = compare(a.study, a.out, a.traces, a.steps, a.profile_steps, a.rerun, a.timeline_plan, log=quiet)
+    summary = compare(a.study, a.out, a.traces, a.steps, a.profile_steps, a.rerun, a.timeline_plan, log=quiet,
+                      repeats=a.repeats)
     if a.json:
         print(json.dumps(summary, indent=1, default=str))
     else:

@@ -127,10 +127,14 @@ def report_md(rows: list[dict[str, Any]], op_rows: list[dict[str, Any]], summary
              f"**Held-out plans**: median step-time error {summary['median_error_pct']:.1f} % (bar 10 %), "
              f"max {summary['max_error_pct']:.1f} % (bar 20 %), Kendall tau {summary['kendall_tau']:.2f} "
              f"(bar 0.8; all plans {summary['kendall_tau_all']:.2f}).", "",
-             "| plan | held out | predicted (ms) | measured (ms) | error % |", "| --- | --- | --- | --- | --- |"]
+             f"Measured: median step time over {summary.get('repeats', 1)} run(s) per plan (unprofiled steps); "
+             f"spread = (slowest - fastest run) / median, median over plans "
+             f"{summary.get('measured_spread_pct_median', 0.0):.1f} %.", "",
+             "| plan | held out | predicted (ms) | measured (ms) | spread % | error % |",
+             "| --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         lines.append(f"| {r['plan']} | {'yes' if r['held_out'] else 'no'} | {r['predicted_s'] * 1e3:.1f} | "
-                     f"{r['measured_s'] * 1e3:.1f} | {r['error_pct']:+.1f} |")
+                     f"{r['measured_s'] * 1e3:.1f} | {r.get('measured_spread_pct', 0.0):.1f} | {r['error_pct']:+.1f} |")
     if summary.get("failed"):
         lines += ["", "Plans that failed to run: " + "; ".join(f"{k}: {v}" for k, v in summary["failed"].items())]
     # which ops carry the error: total |predicted - measured| per op over held-out plans
@@ -149,7 +153,8 @@ def report_md(rows: list[dict[str, Any]], op_rows: list[dict[str, Any]], summary
 def write_outputs(out: Path, rows: list[dict[str, Any]], op_rows: list[dict[str, Any]], summary: dict[str, Any],
                   timelines: dict[str, Any]) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    atomic.write_text(out / "per_step.csv", _csv(rows, ["plan", "held_out", "predicted_s", "measured_s", "error_pct"]))
+    atomic.write_text(out / "per_step.csv", _csv(rows, ["plan", "held_out", "predicted_s", "measured_s", "error_pct",
+                                                        "repeats", "measured_spread_pct"]))
     atomic.write_text(out / "per_op.csv", _csv(op_rows, ["plan", "held_out", "event", "predicted_us", "measured_us",
                                                          "error_pct"]))
     atomic.write_json(out / "summary.json", {k: (None if isinstance(v, float) and math.isnan(v) else v)

@@ -30,6 +30,7 @@ import json
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -346,7 +347,16 @@ def read_meta(trace_dir: str | Path) -> dict[str, Any]:
 
 
 def read_run(trace_dir: str | Path) -> tuple[dict[str, Any], list[RankTrace]]:
-    """meta.yaml and every rank's trace of one recorded run."""
+    """meta.yaml and every rank's trace of one recorded run (parsed once per process while its
+    files are unchanged: compare reads a run for calibration and again for its per-op table)."""
+    d = Path(trace_dir).resolve()
+    files = rank_files(d) + [d / "meta.yaml"]
+    stamp = tuple((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in files if f.is_file())
+    return _read_run(d, stamp)
+
+
+@lru_cache(maxsize=32)
+def _read_run(trace_dir: Path, _stamp: tuple) -> tuple[dict[str, Any], list[RankTrace]]:
     meta = read_meta(trace_dir)
     traces = [read_trace(p, meta) for p in rank_files(trace_dir)]
     for tr in traces:

@@ -49,25 +49,30 @@ def test_compare_closes_the_loop_on_two_ranks(tmp_path, capsys):
     study.write_text(STUDY)
     out = tmp_path / "out"
     rc = cli(["compare", str(study), "--out", str(out), "--traces", str(tmp_path / "traces"),
-              "--steps", "4", "--profile-steps", "3:3", "--json"])
+              "--steps", "4", "--profile-steps", "3:3", "--repeats", "2", "--json"])
     assert rc == 0, capsys.readouterr().err
     summary = json.loads(capsys.readouterr().out)
     assert summary["failed"] == {}, summary["failed"]
     assert summary["calibrated_on"] == ["dp2", "ep2"] and summary["held_out"] == ["sp2-ep2"]
     assert math.isfinite(summary["median_error_pct"]) and summary["max_error_pct"] >= 0
+    assert summary["repeats"] == 2 and summary["measured_spread_pct_median"] >= 0
     for name in ("per_step.csv", "per_op.csv", "summary.json", "report.md", "profile.yaml",
                  "pred_vs_measured.png", "per_op_scatter.png", "timeline.json"):
         assert (out / name).is_file(), name
     rows = (out / "per_step.csv").read_text().splitlines()
-    assert rows[0] == "plan,held_out,predicted_s,measured_s,error_pct" and len(rows) == 4
+    assert rows[0] == "plan,held_out,predicted_s,measured_s,error_pct,repeats,measured_spread_pct" and len(rows) == 4
+    assert all(r.split(",")[5] == "2" for r in rows[1:])
     assert len((out / "per_op.csv").read_text().splitlines()) > 10
     prof = (out / "profile.yaml").read_text()
     assert "calibrated_from" in prof and "residuals" in prof and "collectives" in prof
     tl = json.loads((out / "timeline.json").read_text())
     pids = {e["pid"] for e in tl["traceEvents"] if e["ph"] == "X"}
     assert 1 in pids and len(pids) >= 2  # simulated and measured, side by side
-    # traces are reused on a second run: calibrating again from them gives the same profile
-    rc = cli(["calibrate", str(tmp_path / "traces" / "ci-cpu-2" / "dp2"), str(tmp_path / "traces" / "ci-cpu-2" / "ep2"),
+    # both repeats of each calibration plan are kept (<plan>/, <plan>.r2/): calibrating again from
+    # them gives the same profile
+    runs = tmp_path / "traces" / "ci-cpu-2"
+    assert sorted(p.name for p in runs.iterdir()) == ["dp2", "dp2.r2", "ep2", "ep2.r2", "sp2-ep2", "sp2-ep2.r2"]
+    rc = cli(["calibrate", *(str(runs / n) for n in ("dp2", "dp2.r2", "ep2", "ep2.r2")),
               "--out", str(tmp_path / "again.yaml"), "--no-figures"])
     assert rc == 0
     assert (tmp_path / "again.yaml").read_text().split("calibrated_from")[0] == prof.split("calibrated_from")[0]

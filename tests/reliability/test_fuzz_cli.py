@@ -233,9 +233,10 @@ def test_compare_invalid(data):
         study = d(st.sampled_from([ws.spec(STUDY_CMP), file_arg(d, ws, "study")]))
         argv = ["compare", study, "--out", str(tmp / "o"), "--traces", str(tmp / "traces")]
         argv += flags(d, {"--steps": NUMS, "--profile-steps": ["5:6", "1:1", "0:1", "3:2", "a:b", "1:2:3", ""],
-                          "--json": [], "--rerun": [], "--timeline-plan": ["dp2", "nope"]})
+                          "--json": [], "--rerun": [], "--timeline-plan": ["dp2", "nope"], "--repeats": NUMS})
         bad = d(st.sampled_from([["--steps", "0"], ["--steps", "-2"], ["--steps", "x"], ["--steps", "4", "--profile-steps", "5:6"],
                                  ["--profile-steps", "x:y"], ["--profile-steps", "0:0"], ["--timeline-plan", "nope"],
+                                 ["--repeats", "0"], ["--repeats", "21"], ["--repeats", "two"],
                                  ["--out", ws.text("file")], ["--traces", ws.text("file")], ["--bogus"],
                                  [], ]))
         if not bad:  # the study is the invalid element
