@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 import statistics
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -86,11 +86,17 @@ def stage_ops(graph: OpGraph, stage: int) -> dict[str, tuple[Op, float]]:
     out: dict[str, tuple[Op, float]] = {}
 
     def add(op: Op, n: float) -> None:
-        if op.event in out:
-            prev, m = out[op.event]
-            out[op.event] = (prev, m + n)  # same event in dense and MoE layers: keep the first's work
-        else:
+        if op.event not in out:
             out[op.event] = (op, n)
+            return
+        prev, m = out[op.event]
+        if op.kind == prev.kind == "comm" and op.collective == prev.collective and n == m == 1:
+            # one span over several collectives of a step (dp.grad_sync over dp_sp and edp): one
+            # instance carrying their summed bytes per rank
+            per = prev.bytes / prev.bytes_per_rank if prev.bytes_per_rank > 0 else 1.0
+            out[op.event] = (replace(prev, bytes=prev.bytes + op.bytes_per_rank * per), m)
+        else:
+            out[op.event] = (prev, m + n)  # same event in dense and MoE layers: keep the first's work
 
     kinds = graph.stage_layer_kinds(stage)
     for kind, layer in graph.layers.items():

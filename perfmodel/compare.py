@@ -183,7 +183,7 @@ def compare(study_path: str, out: Path | None = None, traces_root: Path | None =
         per_repeat = [measured_step_s(meta, traces) for meta, traces in reads]
         measured = statistics.median(per_repeat)
         spread = 100.0 * (max(per_repeat) - min(per_repeat)) / measured if measured > 0 else 0.0
-        # priced as the runtime ran it (tile runs as chunk there: perfmodel.sim.layer.as_executed)
+        # priced as the runtime ran it (tile as chunk, gradient sync after backward: perfmodel.sim.layer.as_executed)
         executed = p.model_copy(update={"overlap": as_executed(p.overlap)})
         sim = simulate(model, cluster, executed, profile, trace=p.name == pick)
         err = 100.0 * (sim.step_time_s - measured) / measured if measured > 0 else float("nan")

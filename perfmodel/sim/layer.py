@@ -15,7 +15,7 @@ Overlap is modelled as the runtime executes it (runtime/moe.py, runtime/overlap.
             tile: pieces of one fused kernel (efficiency of the whole GEMM, a small per-tile
             overhead, the collective's latency once) -- a GPU technique the runtime does not
             have: it runs tile as chunk, so `moeperf compare` prices measured plans with
-            `as_executed` (tile -> chunk)
+            `as_executed` (tile -> chunk; gradient sync not overlapped, as in runtime.optim)
 Compute and comm share the rank's resources in a FluidNet: comm ops share their bounding
 link class, and compute slows by the profile's interference factor while comm runs.
 Straggler wait: peers drift apart in proportion to the work between syncs, so a collective
@@ -45,8 +45,10 @@ DEFERRED_WGRAD = ("moe.fc1", "moe.fc2")  # inter-op: wgrad deferred under the di
 
 
 def as_executed(overlap: OverlapSpec) -> OverlapSpec:
-    """The overlap the runtime really executes: tile runs as chunk (no tile-level kernel)."""
-    return overlap.model_copy(update={"intra_op": "chunk"}) if overlap.intra_op == "tile" else overlap
+    """The overlap the runtime really executes: tile runs as chunk (no tile-level kernel), and the
+    gradient sync runs after the backward (runtime.optim syncs whole buckets once it is done)."""
+    return overlap.model_copy(update={"intra_op": "chunk" if overlap.intra_op == "tile" else overlap.intra_op,
+                                      "grad_sync": False})
 
 
 @dataclass(eq=False)

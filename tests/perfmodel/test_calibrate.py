@@ -94,3 +94,19 @@ def test_calibrate_cli_bad_input_exit_2(tmp_path, capsys):
     assert "no meta.yaml" in capsys.readouterr().err
     assert not (tmp_path / "p.yaml").exists()
     assert cli(["calibrate", "--out", str(tmp_path / "p.yaml")]) == 2
+
+
+def test_one_span_over_several_sync_collectives_is_one_sample_of_their_bytes():
+    """runtime.optim wraps the gradient sync of every bucket (dp_sp and edp) in one dp.grad_sync span:
+    its per-step time pairs with the sum of both collectives' bytes per rank, not one of them."""
+    from perfmodel.calibrate_data import stage_ops
+    from perfmodel.opgraph import OpGraph
+
+    model = load_spec("tiny-moe", "model")
+    g = OpGraph(model, parse_spec({"kind": "plan", "global_batch": 8}, "plan", "p"), 4)  # dp4: dp_sp = edp = 4
+    syncs = [op for op in g.grad_sync_ops(0) if op.name == "dp.grad_sync"]
+    assert {op.group for op in syncs} == {"dp_sp", "edp"}
+    op, n = stage_ops(g, 0)["dp.grad_sync/fwd"]
+    assert n == 1 and op.bytes_per_rank == pytest.approx(sum(o.bytes_per_rank for o in syncs))
+    op, n = stage_ops(g, 0)["moe.fc1/fwd"]  # per-layer ops still count their instances
+    assert n == model.layers * g.layout.microbatches and op.flops == next(o for o in g.layers["moe"].ops if o.event == "moe.fc1/fwd").flops

@@ -205,3 +205,11 @@ def test_straggler_wait_grows_with_the_work_before_a_collective_and_its_group():
         assert r.duration_s == pytest.approx(0.002 + 0.5 * 0.002 * straggler_gap(n) + 0.004)
     assert straggler_gap(1) == 0.0 and straggler_gap(2) == pytest.approx(1 / math.sqrt(math.pi), rel=1e-4)
     assert straggler_gap(4) == pytest.approx(1.0294, rel=1e-3)
+
+
+def test_as_executed_is_what_the_runtime_runs():
+    from perfmodel.sim.layer import as_executed
+
+    ov = as_executed(OverlapSpec(inter_op=True, intra_op="tile", chunks=8, grad_sync=True))
+    assert (ov.inter_op, ov.intra_op, ov.chunks, ov.grad_sync) == (True, "chunk", 8, False)
+    assert as_executed(OverlapSpec(intra_op="none")).intra_op == "none"
