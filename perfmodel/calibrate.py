@@ -21,9 +21,8 @@ Every fit is a straight line in the op's work, solved by least squares on relati
   did since its previous collective (ranks drift apart while they compute; the mean rank waits
   for the last of its n peers: perfmodel.collectives.straggler_wait_s), chosen jointly with the
   collectives' alpha-beta fits (which are then fitted on the time without that wait);
-* `comm_compute_slowdown`: how much slower GEMMs run in plans that overlap communication
-  with compute than the fit of the plans that do not predicts (kept from the base profile
-  when the traces cannot tell).
+* `comm_compute_slowdown`: fitted on the step times of the runs that overlap communication
+  with compute (perfmodel.calibrate_overlap); kept from the base profile without such a run.
 
 The profile is written atomically with `calibrated_from` (the run directories) and `residuals`
 (RMS relative error and sample count of each fit); one PNG per fit goes beside it.
@@ -44,9 +43,10 @@ import yaml
 from perfmodel import atomic
 from perfmodel.argparse_util import parser
 from perfmodel.calibrate_data import Sample, collect
+from perfmodel.calibrate_overlap import fit_slowdown, step_cases
 from perfmodel.collectives import latency_steps, straggler_wait_s
 from perfmodel.specs import ProfileSpec, SpecError, load_spec, parse_spec
-from perfmodel.trace_reader import read_meta
+from perfmodel.trace_reader import read_meta, read_run
 
 CURVES = {"gemm": "gemm_efficiency", "grouped_gemm": "grouped_gemm_efficiency", "attention": "attention_efficiency"}
 
@@ -246,12 +246,6 @@ def fit_profile(samples: list[Sample], base: ProfileSpec, sources: list[str], li
                 peaks[dt] = _sig(rate / 1e12 / eff_max)
         d[field] = curve
     d["peak_tflops"] = peaks
-    # comm_compute_slowdown: GEMMs of overlapping plans against the non-overlapped fit
-    ov = [s for s in samples if s.overlap and s.kind == "gemm" and f"gemm.{s.dtype}" in fits]
-    if ov:
-        ratios = [s.seconds / (fits[f"gemm.{s.dtype}"]["a"] + fits[f"gemm.{s.dtype}"]["b"] * s.flops) for s in ov]
-        d["comm_compute_slowdown"] = _sig(float(np.clip(np.median(ratios) - 1.0, 0.0, 5.0)), 4)
-        resid["comm_compute_slowdown.n"] = float(len(ov))
     # collectives: alpha-beta per collective and group kind, after the straggler wait
     comm_groups = {k: ss for k, ss in groups.items() if k.startswith("comm.")}
     skew, exponent = _comm_model(comm_groups)
@@ -353,6 +347,12 @@ def calibrate(run_dirs: list[str | Path], out: str | Path, base: str | None = No
     samples, over, per_event_us = collect(dirs)
     overhead = float(np.median(over)) if over else 0.0
     profile, fits = fit_profile(samples, prof, [str(d) for d in dirs], bw, overhead, per_event_us)
+    over, plain = step_cases([(str(d), *read_run(d)) for d in dirs])
+    slow = fit_slowdown(profile, over, plain)
+    if slow is not None:
+        resid = {**profile.residuals, "comm_compute_slowdown.n": float(len(over)),
+                 "comm_compute_slowdown.step_rms_rel_err": _sig(slow[1], 4)}
+        profile = profile.model_copy(update={"comm_compute_slowdown": slow[0], "residuals": dict(sorted(resid.items()))})
     out = Path(out)
     atomic.write_text(out, profile_yaml(profile))
     if figures:

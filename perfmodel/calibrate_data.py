@@ -23,7 +23,7 @@ from typing import Any
 
 from perfmodel.layout import group_of, rank_groups
 from perfmodel.opgraph import Op, OpGraph
-from perfmodel.specs import ModelSpec, PlanSpec, SpecError, load_spec, parse_spec
+from perfmodel.specs import ClusterSpec, ModelSpec, PlanSpec, SpecError, load_spec, parse_spec, with_overrides
 from perfmodel.trace_reader import RankTrace, read_run
 
 
@@ -71,6 +71,20 @@ def run_specs(meta: dict[str, Any], where: str) -> tuple[ModelSpec, PlanSpec, in
     if not isinstance(world, int) or world < 1:
         raise SpecError(f"{where}: meta.yaml world_size: expected a positive integer, got {world!r}")
     return model, plan, world
+
+
+def on_world(cluster: ClusterSpec, world: int, where: str) -> ClusterSpec:
+    """The cluster as a run of `world` ranks used it: fewer ranks than the preset -> one node of them."""
+    if world != cluster.world_size:
+        cluster = with_overrides(cluster, {"nodes": 1, "gpus_per_node": world}, where)
+    return cluster
+
+
+def run_cluster(meta: dict[str, Any], world: int, where: str) -> ClusterSpec | None:
+    """The cluster a run was recorded on (meta.yaml cluster:, on its world size); None if not recorded."""
+    if meta.get("cluster") is None:
+        return None
+    return on_world(_spec(meta, "cluster", "cluster", where), world, f"{where}: world_size")
 
 
 def stage_of(plan: PlanSpec, world: int, rank: int) -> int:

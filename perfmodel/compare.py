@@ -30,11 +30,11 @@ import yaml
 
 from perfmodel.argparse_util import parser
 from perfmodel.calibrate import calibrate
-from perfmodel.calibrate_data import measured_step_s, stage_ops
+from perfmodel.calibrate_data import measured_step_s, on_world, stage_ops
 from perfmodel.compare_out import kendall_tau, write_outputs
 from perfmodel.layout import plan_layout
 from perfmodel.opgraph import OpGraph
-from perfmodel.specs import ClusterSpec, ModelSpec, NamedPlan, SpecError, StudySpec, load_spec, with_overrides
+from perfmodel.specs import ClusterSpec, ModelSpec, NamedPlan, SpecError, StudySpec, load_spec
 from perfmodel.trace_reader import RankTrace, read_meta, read_run
 
 REPO = Path(__file__).resolve().parent.parent
@@ -44,9 +44,7 @@ def study_specs(study: StudySpec) -> tuple[ModelSpec, ClusterSpec, int]:
     model = load_spec(study.model, "model")
     cluster = load_spec(study.cluster, "cluster")
     world = study.world_size or cluster.world_size
-    if world != cluster.world_size:  # fewer local ranks than the cluster preset: one node of `world` ranks
-        cluster = with_overrides(cluster, {"nodes": 1, "gpus_per_node": world}, f"{study.name}: world_size")
-    return model, cluster, world
+    return model, on_world(cluster, world, f"{study.name}: world_size"), world
 
 
 def plan_of(study: StudySpec, p: NamedPlan) -> NamedPlan:

@@ -7,7 +7,8 @@ and the next completion is rescheduled (a simpy timeout; stale timers are ignore
 generation). A job's completion is a simpy event.
 
 Compute slowdown: resources named in `slowed` run at capacity / (1 + slowdown) while any
-job of kind "comm" is active (SM/HBM interference of communication kernels).
+job of kind "comm" is active, or a collective holds a `comm_presence` (SM/HBM interference of
+communication kernels, which occupy the GPU from their launch, waits for peers included).
 """
 
 from __future__ import annotations
@@ -64,6 +65,14 @@ class FluidNet:
             self._comm_active += kind == "comm"
         self._reschedule()
         return out
+
+    def comm_presence(self, delta: int) -> None:
+        """A collective that is waiting (for peers, or its latency) without moving bytes still
+        occupies the rank (NCCL kernels spin on SMs; gloo threads on cores): +1 at its start,
+        -1 at its end, so compute is slowed for its whole duration."""
+        self._advance()
+        self._comm_active += delta
+        self._reschedule()
 
     def run_job(self, work: float, resources: Iterable[Hashable], latency_s: float = 0.0, kind: str = "comm",
                 tag: object = None):

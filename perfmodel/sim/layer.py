@@ -216,14 +216,17 @@ def _run(ops: list[Op], overlap: OverlapSpec, hw: Hardware, comm_cost: Callable[
         if s.op.kind == "comm":
             c = comm_cost(s.op)
             wait, since_sync[0] = straggler_wait_s(skew, since_sync[0], s.op.group_size), 0.0
+            net.comm_presence(+1)  # interferes with compute from its start, not only while bytes move
             if wait > 0:
                 yield env.timeout(wait)
             if s.latency and c.latency_s:
                 yield env.timeout(c.latency_s)
             job = net.submit(s.op.bytes * s.frac * c.s_per_byte, (c.link_class,), "comm")
+            yield job.done
+            net.comm_presence(-1)
         else:
             job = net.submit(hw.compute_s(s.op, s.frac, s.eff_work, s.launch_s), ("compute",), "compute")
-        yield job.done
+            yield job.done
         s.end_s = env.now
         if s.op.kind != "comm":
             busy[0] += s.end_s - s.start_s
@@ -253,4 +256,6 @@ def _run(ops: list[Op], overlap: OverlapSpec, hw: Hardware, comm_cost: Callable[
     for name, queue in streams.items():
         env.process(by_priority(queue) if name == "compute" and overlap.inter_op else in_order(queue))
     env.run()
-    return LayerRun(env.now, busy[0], sops)
+    # the last op's end, not env.now: a rate change (compute speeding up when a collective ends)
+    # leaves the fluid model's superseded timers in the queue, later than the real finish
+    return LayerRun(max((s.end_s for s in sops), default=0.0), busy[0], sops)

@@ -110,3 +110,26 @@ def test_one_span_over_several_sync_collectives_is_one_sample_of_their_bytes():
     assert n == 1 and op.bytes_per_rank == pytest.approx(sum(o.bytes_per_rank for o in syncs))
     op, n = stage_ops(g, 0)["moe.fc1/fwd"]  # per-layer ops still count their instances
     assert n == model.layers * g.layout.microbatches and op.flops == next(o for o in g.layers["moe"].ops if o.event == "moe.fc1/fwd").flops
+
+
+def test_comm_compute_slowdown_is_recovered_from_overlapped_step_times():
+    """Overlapped runs whose step times were simulated with slowdown 0.8 (and a run that overlaps
+    nothing, priced exactly): the step-time fit finds 0.8 again."""
+    from perfmodel.calibrate_overlap import fit_slowdown
+    from perfmodel.compare import study_specs
+    from perfmodel.sim import simulate
+    from perfmodel.specs import PlanSpec, StudySpec
+
+    study = StudySpec(name="s", model="tiny-moe", cluster="cpu-local-4", world_size=4, plans=[{"name": "dp4"}])
+    model, cluster, _ = study_specs(study)
+    prof = load_spec("cpu", "profile").model_copy(update={"sync_skew": 0.5})
+    truth = prof.model_copy(update={"comm_compute_slowdown": 0.8})
+    over = []
+    for plan in (PlanSpec(ep=4, global_batch=8, overlap={"inter_op": True}),
+                 PlanSpec(sp=2, ep=2, global_batch=8, overlap={"inter_op": True})):
+        over.append((model, cluster, plan, simulate(model, cluster, plan, truth).step_time_s))
+    plain_plan = PlanSpec(ep=4, global_batch=8)
+    plain = [(model, cluster, plain_plan, simulate(model, cluster, plain_plan, prof).step_time_s)]
+    x, err = fit_slowdown(prof, over, plain)
+    assert x == pytest.approx(0.8, abs=0.051) and err < 0.01
+    assert fit_slowdown(prof, [], plain) is None

@@ -213,3 +213,12 @@ def test_as_executed_is_what_the_runtime_runs():
     ov = as_executed(OverlapSpec(inter_op=True, intra_op="tile", chunks=8, grad_sync=True))
     assert (ov.inter_op, ov.intra_op, ov.chunks, ov.grad_sync) == (True, "chunk", 8, False)
     assert as_executed(OverlapSpec(intra_op="none")).intra_op == "none"
+
+
+def test_compute_slows_while_a_collective_waits_not_only_while_it_moves_bytes():
+    """A latency-bound collective (all wait, no bytes) still interferes with overlapped compute."""
+    hw = Hardware.of(_profile(comm_compute_slowdown=1.0))
+    waiting = lambda _op: CollectiveCost(0.004, 0.0, "nvlink", "pairwise")  # noqa: E731  4 ms latency, free bytes
+    run = run_layer(_ops(), OverlapSpec(inter_op=True), hw, waiting)
+    # the shared expert (10 ms) runs at half speed for the 4 ms the all-to-all waits: 2 ms of work done then
+    assert run.duration_s == pytest.approx(0.002 + 0.004 + 0.008 + 0.002)
