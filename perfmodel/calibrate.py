@@ -15,8 +15,9 @@ Every fit is a straight line in the op's work, solved by least squares on relati
   latency and efficiency (median latency; rate / the cluster's link bandwidth);
 * profiler cost: what torch.profiler adds per recorded event, fitted from profiled vs
   unprofiled step times of the runs and taken out of every sample (perfmodel.calibrate_data);
-* framework overhead: step time outside every op span (Python glue, small unnamed ops) per
-  compute-op instance is added to `launch_overhead_us` (on CPU it is a large share of a step);
+* framework overhead: step time outside every op span (Python glue, small unnamed ops), fitted
+  over the runs as a part per compute-op instance (added to `launch_overhead_us`) and a part per
+  step (`step_overhead_us`: data, zero_grad, the loop); on CPU it is a large share of a step;
 * `sync_skew`: the spread of the ranks' arrival at a collective as a fraction of the work each
   did since its previous collective (ranks drift apart while they compute; the mean rank waits
   for the last of its n peers: perfmodel.collectives.straggler_wait_s), chosen jointly with the
@@ -172,17 +173,32 @@ def _comm_model(comm: dict[str, list[Sample]]) -> tuple[float | None, float | No
     return (best[1] if tell_skew else None), (best[2] if tell_exp else None)
 
 
+def framework_overhead(over: list[tuple[float, float]]) -> tuple[float, float]:
+    """(seconds per compute-op instance, seconds per step) of the time no op span claims: a line
+    in the op count over the runs' ranks where their op counts differ, else all of it per op."""
+    if not over:
+        return 0.0, 0.0
+    n = np.array([o[0] for o in over], float)
+    t = np.array([o[1] for o in over], float)
+    if len(np.unique(n)) >= 2:
+        a, b = linfit(n, t)
+        if b > 1e-20:
+            return b, a
+    return float(np.median(t / n)), 0.0
+
+
 def _sig(x: float, digits: int = 6) -> float:
     return float(f"{x:.{digits}g}")
 
 
 def fit_profile(samples: list[Sample], base: ProfileSpec, sources: list[str], link_bw_GBps: float | None = None,
-                overhead_s: float = 0.0, profiler_us_per_event: float = 0.0
+                overhead_s: float = 0.0, profiler_us_per_event: float = 0.0, step_overhead_s: float = 0.0
                 ) -> tuple[ProfileSpec, dict[str, dict[str, Any]]]:
     """The calibrated profile and, per fit, its samples and line (for the figures).
 
     `overhead_s`: step time outside every op span (Python and framework glue) per compute-op
-    instance; it joins the launch overhead, so the simulated step carries it too.
+    instance; it joins the launch overhead, so the simulated step carries it too (and
+    `step_overhead_s` once per step).
     """
     if not samples:
         raise SpecError("calibrate: the traces hold no op the op graph knows (were ops wrapped in "
@@ -215,6 +231,7 @@ def fit_profile(samples: list[Sample], base: ProfileSpec, sources: list[str], li
             d["hbm_bw_GBps"], eff = _sig(rate / 1e9), 1.0
         d["memory_efficiency"] = {"max": _sig(min(1.0, eff)), "half_work": 0.0}
     d["launch_overhead_us"] = _sig((launch_s + overhead_s) * 1e6)
+    d["step_overhead_us"] = _sig(step_overhead_s * 1e6)
     resid["framework_overhead_us"] = _sig(overhead_s * 1e6, 4)
     # taken out of the samples (perfmodel.calibrate_data); kept so per-op comparisons can do the same
     resid["profiler_us_per_event"] = _sig(profiler_us_per_event, 4)
@@ -345,8 +362,8 @@ def calibrate(run_dirs: list[str | Path], out: str | Path, base: str | None = No
     dirs = expand_dirs([str(d) for d in run_dirs])
     prof, bw = base_profile(dirs[0], base)
     samples, over, per_event_us = collect(dirs)
-    overhead = float(np.median(over)) if over else 0.0
-    profile, fits = fit_profile(samples, prof, [str(d) for d in dirs], bw, overhead, per_event_us)
+    per_op, per_step = framework_overhead(over)
+    profile, fits = fit_profile(samples, prof, [str(d) for d in dirs], bw, per_op, per_event_us, per_step)
     over, plain = step_cases([(str(d), *read_run(d)) for d in dirs])
     slow = fit_slowdown(profile, over, plain)
     if slow is not None:

@@ -136,16 +136,17 @@ def _kind(op: Op) -> str:
     return op.kind
 
 
-def overhead_s_per_op(run_dir: str | Path, traces: list[RankTrace], plan: PlanSpec, world: int,
-                      graph: OpGraph, us_per_event: float = 0.0) -> list[float]:
-    """Per rank: step time no op span claims (Python, framework, glue ops), per compute-op instance."""
+def unattributed_per_step(traces: list[RankTrace], plan: PlanSpec, world: int, graph: OpGraph,
+                          us_per_event: float = 0.0) -> list[tuple[float, float]]:
+    """Per rank: (compute-op instances per step, step seconds no op span claims: Python, framework
+    glue, small unnamed ops)."""
     out = []
     for tr in traces:
         rank = int(re.findall(r"\d+", Path(tr.path).name)[0])
         ops = stage_ops(graph, stage_of(plan, world, rank))
         n = sum(k for op, k in ops.values() if op.kind != "comm")
         if n > 0 and tr.steps:
-            out.append(tr.unattributed_s_per_step(us_per_event) / n)
+            out.append((float(n), tr.unattributed_s_per_step(us_per_event)))
     return out
 
 
@@ -227,18 +228,18 @@ def samples_of_run(run_dir: str | Path, us_per_event: float = 0.0,
     return out, meta, traces
 
 
-def collect(run_dirs: list[str | Path]) -> tuple[list[Sample], list[float], float]:
-    """Samples of every run, the per-op framework overhead seen on each rank of each run, and the
-    profiler cost per event taken out of both (us)."""
+def collect(run_dirs: list[str | Path]) -> tuple[list[Sample], list[tuple[float, float]], float]:
+    """Samples of every run, (compute ops, unattributed seconds) per step of each rank of each run,
+    and the profiler cost per event taken out of both (us)."""
     runs = [read_run(d) for d in run_dirs]
     cost = profiler_us_per_event(runs)
     out: list[Sample] = []
-    over: list[float] = []
+    over: list[tuple[float, float]] = []
     for d, run in zip(run_dirs, runs, strict=True):
         samples, meta, traces = samples_of_run(d, cost, run)
         out += samples
         model, plan, world = run_specs(meta, str(d))
-        over += overhead_s_per_op(d, traces, plan, world, OpGraph(model, plan, world), cost)
+        over += unattributed_per_step(traces, plan, world, OpGraph(model, plan, world), cost)
     return out, over, cost
 
 

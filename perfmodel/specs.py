@@ -232,6 +232,9 @@ class ProfileSpec(Strict):
     attention_efficiency: EfficiencyCurve
     memory_efficiency: EfficiencyCurve
     launch_overhead_us: NonNegFloat = 4.0
+    # calibrated: host time per step outside every op span that does not grow with the op count
+    # (data, zero_grad, the training loop); 0 on presets
+    step_overhead_us: NonNegFloat = 0.0
     fabrics: dict[Literal["nvlink", "pcie", "ib", "ethernet", "loopback"], FabricProfile]
     comm_compute_slowdown: Annotated[float, Field(ge=0, le=5, allow_inf_nan=False)] = 0.0
     # ranks drift apart while they compute (OS noise, time-shared cores, clock jitter): the spread

@@ -11,7 +11,8 @@ micro-batch's backward / the next forward's parameter gather) and the optimizer 
 
 Breakdown (critical = the stage that finishes last): compute_s (busy compute of its
 micro-batches), exposed_comm_s (layer comm not hidden under compute), bubble_s (pipeline
-idle incl. p2p waits), grad_sync_s (exposed), optimizer_s; they add up to step_time_s.
+idle incl. p2p waits), grad_sync_s (exposed), optimizer_s, and other_s (the profile's per-step
+host time, where calibrated); they add up to step_time_s.
 """
 
 from __future__ import annotations
@@ -129,6 +130,7 @@ def simulate(model: ModelSpec, cluster: ClusterSpec, plan: PlanSpec, profile: Pr
     pipe = run_pipeline(F, B, m, L.vpp, p2p_s)
 
     slow = profile.comm_compute_slowdown
+    host_s = profile.step_overhead_us * 1e-6  # per-step host time (calibrated; 0 on presets)
     totals, syncs = [], []
     for s in range(L.pp):
         red = gat = 0.0
@@ -147,7 +149,7 @@ def simulate(model: ModelSpec, cluster: ClusterSpec, plan: PlanSpec, profile: Pr
             exposed = red + gat
         opt = hw.compute_s(graph.optimizer_op(s))
         syncs.append((red, gat, exposed, opt))
-        totals.append(pipe.finish_s[s] + exposed + opt)
+        totals.append(pipe.finish_s[s] + exposed + opt + host_s)
     step = max(totals)
     cs = totals.index(step)
     red, gat, exposed, opt = syncs[cs]
@@ -155,6 +157,8 @@ def simulate(model: ModelSpec, cluster: ClusterSpec, plan: PlanSpec, profile: Pr
     exposed_comm = m * ((F[cs] - CF[cs]) + (B[cs] - CB[cs]))
     breakdown = {"compute_s": compute, "exposed_comm_s": exposed_comm,
                  "bubble_s": pipe.finish_s[cs] - pipe.busy_s[cs], "grad_sync_s": exposed, "optimizer_s": opt}
+    if host_s > 0:
+        breakdown["other_s"] = host_s
     memory, fits = _memory(model, plan, world, profile)
     mfu = graph.model_flops_per_iteration() / (step * world * hw.peak_bf16_flops())
     main = "moe" if "moe" in runs else "dense"

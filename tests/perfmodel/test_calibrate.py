@@ -133,3 +133,13 @@ def test_comm_compute_slowdown_is_recovered_from_overlapped_step_times():
     x, err = fit_slowdown(prof, over, plain)
     assert x == pytest.approx(0.8, abs=0.051) and err < 0.01
     assert fit_slowdown(prof, [], plain) is None
+
+
+def test_framework_overhead_splits_into_per_op_and_per_step():
+    from perfmodel.calibrate import framework_overhead
+
+    over = [(n, 0.016 + n * 85e-6) for n in (257.0, 257.0, 513.0, 1025.0)]
+    per_op, per_step = framework_overhead(over)
+    assert per_op == pytest.approx(85e-6, rel=1e-6) and per_step == pytest.approx(0.016, rel=1e-6)
+    assert framework_overhead([(100.0, 0.01), (100.0, 0.012)]) == (pytest.approx(1.1e-4), 0.0)  # one op count
+    assert framework_overhead([]) == (0.0, 0.0)

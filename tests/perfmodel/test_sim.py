@@ -222,3 +222,13 @@ def test_compute_slows_while_a_collective_waits_not_only_while_it_moves_bytes():
     run = run_layer(_ops(), OverlapSpec(inter_op=True), hw, waiting)
     # the shared expert (10 ms) runs at half speed for the 4 ms the all-to-all waits: 2 ms of work done then
     assert run.duration_s == pytest.approx(0.002 + 0.004 + 0.008 + 0.002)
+
+
+def test_per_step_host_overhead_adds_once_and_shows_as_other():
+    c = _cluster(nodes=1, gpn=8)
+    plan = PlanSpec(ep=8, global_batch=8)
+    base = simulate(TINY, c, plan)
+    more = simulate(TINY, c, plan, c.gpu.model_copy(update={"step_overhead_us": 5000.0}))
+    assert more.step_time_s == pytest.approx(base.step_time_s + 0.005)
+    assert more.breakdown["other_s"] == pytest.approx(0.005) and "other_s" not in base.breakdown
+    assert sum(more.breakdown.values()) == pytest.approx(more.step_time_s)
