@@ -190,11 +190,12 @@ def compare(study_path: str, out: Path | None = None, traces_root: Path | None =
         pred_ops = sim.details.get("layer_ops", {}) or {}
         cost = profile.residuals.get("profiler_us_per_event", 0.0)
         ops = _mean_ops([measured_ops(model, p, world, traces, cost) for _meta, traces in reads])
+        per_step = {ev: n for ev, (_op, n) in stage_ops(OpGraph(model, p, world), 0).items()}
         for ev, m in sorted(ops.items()):
             if ev in pred_ops and m > 0:
                 op_rows.append({"plan": p.name, "held_out": not p.calibrate, "event": ev,
                                  "predicted_us": pred_ops[ev] * 1e6, "measured_us": m * 1e6,
-                                 "error_pct": 100.0 * (pred_ops[ev] - m) / m})
+                                 "error_pct": 100.0 * (pred_ops[ev] - m) / m, "per_step": per_step.get(ev, 0.0)})
         if p.name == pick:
             timelines = {"plan": p.name, "sim": sim.timeline, "measured": reads[0][1]}
         log(f"  {p.name:<18} predicted {sim.step_time_s * 1e3:8.1f} ms  measured {measured * 1e3:8.1f} ms  "

@@ -76,3 +76,23 @@ def test_compare_closes_the_loop_on_two_ranks(tmp_path, capsys):
               "--out", str(tmp_path / "again.yaml"), "--no-figures"])
     assert rc == 0
     assert (tmp_path / "again.yaml").read_text().split("calibrated_from")[0] == prof.split("calibrated_from")[0]
+
+
+def test_report_names_the_ops_that_carry_a_plans_error_per_step():
+    from perfmodel.compare_out import report_md
+
+    rows = [{"plan": "a", "held_out": True, "predicted_s": 1.3, "measured_s": 1.0, "error_pct": 30.0},
+            {"plan": "b", "held_out": True, "predicted_s": 1.0, "measured_s": 1.0, "error_pct": 1.0}]
+    ops = [{"plan": "a", "held_out": True, "event": "attn.sp_a2a_out/dgrad", "predicted_us": 300.0,
+            "measured_us": 200.0, "error_pct": 50.0, "per_step": 64.0},
+           {"plan": "a", "held_out": True, "event": "dp.grad_sync/fwd", "predicted_us": 5000.0, "measured_us": 4000.0,
+            "error_pct": 25.0, "per_step": 1.0},
+           {"plan": "b", "held_out": True, "event": "moe.fc1/fwd", "predicted_us": 9.0, "measured_us": 1.0,
+            "error_pct": 800.0, "per_step": 4.0}]
+    md = report_md(rows, ops, {"study": "s", "calibrated_on": ["c"], "profile": "p", "world_size": 4,
+                               "median_error_pct": 15.5, "max_error_pct": 30.0, "kendall_tau": 1.0,
+                               "kendall_tau_all": 1.0})
+    table = md.split("## Ops carrying the error")[1].splitlines()
+    body = [ln for ln in table if ln.startswith("| a") or ln.startswith("| b")]
+    assert body[0].startswith("| a | attn.sp_a2a_out/dgrad") and body[0].endswith("+6.4 |")  # 64 x 0.1 ms first
+    assert body[1].startswith("| a | dp.grad_sync/fwd") and not any(ln.startswith("| b") for ln in body)
