@@ -43,7 +43,7 @@ import yaml
 
 from perfmodel import atomic
 from perfmodel.argparse_util import parser
-from perfmodel.calibrate_data import Sample, collect
+from perfmodel.calibrate_data import Sample, collect, recorded_cluster
 from perfmodel.calibrate_overlap import fit_slowdown, step_cases
 from perfmodel.collectives import latency_steps, straggler_wait_s
 from perfmodel.specs import ProfileSpec, SpecError, load_spec, parse_spec
@@ -161,8 +161,8 @@ def _comm_model(comm: dict[str, list[Sample]]) -> tuple[float | None, float | No
     """(`sync_skew`, `latency_exponent`): the ranks' drift per second of work between collectives
     (their straggler wait), and how latency grows with the group, chosen jointly with every
     collective's alpha-beta refitted on the rest (grid: skew 0..3, exponent 0..1; least relative
-    error). Each is None when
-    the samples cannot tell (no intervals; no collective kind seen on two group sizes)."""
+    error). Each is None when the samples cannot tell (no intervals; no collective kind seen on
+    two group sizes)."""
     if not comm:
         return None, None
     tell_skew = any(s.interval_s > 0 for ss in comm.values() for s in ss)
@@ -346,12 +346,7 @@ def expand_dirs(dirs: list[str]) -> list[Path]:
 
 def base_profile(run_dir: Path, base: str | None) -> tuple[ProfileSpec, float | None]:
     """The profile to start from (--base, else the run's cluster GPU preset) and the cluster's link bandwidth."""
-    meta = read_meta(run_dir)
-    cluster = meta.get("cluster")
-    spec = None
-    if cluster is not None:
-        spec = parse_spec(cluster, "cluster", f"{run_dir}:cluster") if isinstance(cluster, dict) \
-            else load_spec(str(cluster), "cluster")
+    spec = recorded_cluster(read_meta(run_dir), str(run_dir))
     prof = load_spec(base, "profile") if base else (spec.profile() if spec else load_spec("cpu", "profile"))
     bw = spec.intra_node.bw_GBps if spec and spec.intra_node.bw_GBps else None
     return prof, bw
@@ -364,10 +359,10 @@ def calibrate(run_dirs: list[str | Path], out: str | Path, base: str | None = No
     samples, over, per_event_us = collect(dirs)
     per_op, per_step = framework_overhead(over)
     profile, fits = fit_profile(samples, prof, [str(d) for d in dirs], bw, per_op, per_event_us, per_step)
-    over, plain = step_cases([(str(d), *read_run(d)) for d in dirs])
-    slow = fit_slowdown(profile, over, plain)
+    overlapped, plain = step_cases([(str(d), *read_run(d)) for d in dirs])
+    slow = fit_slowdown(profile, overlapped, plain)
     if slow is not None:
-        resid = {**profile.residuals, "comm_compute_slowdown.n": float(len(over)),
+        resid = {**profile.residuals, "comm_compute_slowdown.n": float(len(overlapped)),
                  "comm_compute_slowdown.step_rms_rel_err": _sig(slow[1], 4)}
         profile = profile.model_copy(update={"comm_compute_slowdown": slow[0], "residuals": dict(sorted(resid.items()))})
     out = Path(out)

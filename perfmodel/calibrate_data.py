@@ -80,11 +80,15 @@ def on_world(cluster: ClusterSpec, world: int, where: str) -> ClusterSpec:
     return cluster
 
 
+def recorded_cluster(meta: dict[str, Any], where: str) -> ClusterSpec | None:
+    """The cluster a run names (meta.yaml cluster:, a preset or inline); None if not recorded."""
+    return None if meta.get("cluster") is None else _spec(meta, "cluster", "cluster", where)
+
+
 def run_cluster(meta: dict[str, Any], world: int, where: str) -> ClusterSpec | None:
-    """The cluster a run was recorded on (meta.yaml cluster:, on its world size); None if not recorded."""
-    if meta.get("cluster") is None:
-        return None
-    return on_world(_spec(meta, "cluster", "cluster", where), world, f"{where}: world_size")
+    """The cluster a run was recorded on, on its world size; None if not recorded."""
+    cluster = recorded_cluster(meta, where)
+    return None if cluster is None else on_world(cluster, world, f"{where}: world_size")
 
 
 def stage_of(plan: PlanSpec, world: int, rank: int) -> int:

@@ -92,6 +92,14 @@ def _coords(rank: int, order: tuple[str, ...], sizes: dict[str, int]) -> dict[st
     return out
 
 
+def _sharing(coords: list[dict[str, int]], dims: list[str]) -> tuple[tuple[int, ...], ...]:
+    """The ranks grouped by their coordinates on `dims` (each group spans the other dimensions)."""
+    buckets: dict[tuple[int, ...], list[int]] = {}
+    for r, c in enumerate(coords):
+        buckets.setdefault(tuple(c[d] for d in dims), []).append(r)
+    return tuple(sorted(tuple(b) for b in buckets.values()))
+
+
 @lru_cache(maxsize=256)
 def _groups(world: int, tp: int, sp: int, pp: int, ep: int, etp: int,
             order: tuple[str, ...]) -> dict[str, tuple[tuple[int, ...], ...]]:
@@ -100,21 +108,11 @@ def _groups(world: int, tp: int, sp: int, pp: int, ep: int, etp: int,
     coords = [_coords(r, order, sizes) for r in range(world)]
     groups: dict[str, tuple[tuple[int, ...], ...]] = {}
     for dim in ("tp", "sp", "dp", "pp"):
-        others = [d for d in order if d != dim]
-        buckets: dict[tuple[int, ...], list[int]] = {}
-        for r, c in enumerate(coords):
-            buckets.setdefault(tuple(c[d] for d in others), []).append(r)
-        groups[dim] = tuple(sorted(tuple(b) for b in buckets.values()))
+        groups[dim] = _sharing(coords, [d for d in order if d != dim])
     # non-expert weights are replicated over dp and sp: their gradients sync over both
-    buckets = {}
-    for r, c in enumerate(coords):
-        buckets.setdefault((c["tp"], c["pp"]), []).append(r)
-    groups["dp_sp"] = tuple(sorted(tuple(b) for b in buckets.values()))
+    groups["dp_sp"] = _sharing(coords, ["tp", "pp"])
     # the shards of one set of sequences (tp inside sp): per-sequence router statistics sum over them
-    buckets = {}
-    for r, c in enumerate(coords):
-        buckets.setdefault((c["dp"], c["pp"]), []).append(r)
-    groups["tp_sp"] = tuple(sorted(tuple(b) for b in buckets.values()))
+    groups["tp_sp"] = _sharing(coords, ["dp", "pp"])
     # expert folding: within a stage, ascending ranks -> etp innermost, then ep, then edp
     ep_groups, etp_groups, edp_groups = [], [], []
     for stage in range(pp):
