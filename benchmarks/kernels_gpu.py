@@ -22,6 +22,7 @@ import csv
 import os
 import re
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -240,17 +241,19 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     gpu = _gpu_name()
     rows: list[Row] = []
+    path = args.out or ROOT / "benchmarks" / "results" / f"kernels_gpu_{gpu}.csv"
     for model in args.models:
         h, f, e, topk = MODELS[model]
         for tokens in args.tokens:
             for gemm, k, n in (("fc1", h, 2 * f), ("fc2", f, h)):
+                t0 = time.perf_counter()
                 rows += bench_shape(gpu, model, gemm, tokens, k, n, e, topk, backward=not args.no_backward)
                 torch.cuda.empty_cache()
+                write_csv(rows, path)  # after every shape: a run cut short keeps what it measured
+                print(f"{model} {gemm} T={tokens}: {time.perf_counter() - t0:.1f} s (autotuning included)", flush=True)
     for r in rows:
         if r.note:
             print(f"note: {r.model} {r.gemm} T={r.tokens} {r.dtype} {r.impl}: {r.note}")
-    path = args.out or ROOT / "benchmarks" / "results" / f"kernels_gpu_{gpu}.csv"
-    write_csv(rows, path)
     print(f"wrote {path}")
     worst = summarize(rows)
     fwd_worst = summarize([r for r in rows if "." not in r.gemm], quiet=True)

@@ -28,6 +28,7 @@ from typing import Any
 
 import yaml
 
+from perfmodel import atomic
 from perfmodel.argparse_util import parser
 from perfmodel.calibrate import calibrate
 from perfmodel.calibrate_data import measured_step_s, on_world, stage_ops
@@ -64,8 +65,11 @@ def run_plan(model: ModelSpec, plan: NamedPlan, world: int, cluster: str, run_di
                f"--master-port={port}", "-m", "runtime.train", "--model", str(t / "model.yaml"),
                "--plan", str(t / "plan.yaml"), "--steps", str(steps), "--out", str(t / "out"),
                "--profile-steps", profile_steps, "--trace-dir", str(run_dir), "--cluster", cluster]
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+        path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout_s)
+        run_dir.mkdir(parents=True, exist_ok=True)  # the run's own log travels with its traces
+        atomic.write_text(run_dir / "train.log", proc.stdout + proc.stderr)
         if proc.returncode != 0:
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
             raise RuntimeError(f"plan {plan.name}: training failed (exit {proc.returncode}): {' | '.join(tail)}")
@@ -131,7 +135,7 @@ def _mean_ops(per_repeat: list[dict[str, float]]) -> dict[str, float]:
 
 def compare(study_path: str, out: Path | None = None, traces_root: Path | None = None, steps: int = 8,
             profile_steps: str = "5:6", rerun: bool = False, timeline_plan: str | None = None,
-            log=print, repeats: int = 1) -> dict[str, Any]:
+            log=print, repeats: int = 1, run_only: bool = False) -> dict[str, Any]:
     from perfmodel.sim import simulate
     from perfmodel.sim.layer import as_executed
 
@@ -168,6 +172,9 @@ def compare(study_path: str, out: Path | None = None, traces_root: Path | None =
                 failed[p.name] = str(exc)
                 log(f"  {exc}")
     runs = {p.name: dirs[p.name] for p in plans if p.name not in failed}
+    if run_only:  # record here (a GPU host), compare anywhere later: the traces are the result
+        return {"study": study.name, "traces": str(traces_root / study.name), "recorded": sorted(runs),
+                "failed": failed}
     cal = [d for p in plans if p.calibrate and p.name in runs for d in runs[p.name]]
     if not cal:
         raise RuntimeError("every calibration plan failed to run: " + "; ".join(failed.values()))
@@ -228,6 +235,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--rerun", action="store_true", help="run every plan even if its traces exist")
     ap.add_argument("--repeats", type=int, default=1, help="runs per plan (median step time; spread reported)")
     ap.add_argument("--timeline-plan", default=None, help="plan whose timelines go to timeline.json")
+    ap.add_argument("--run-only", action="store_true",
+                    help="only run the plans and record their traces (compare later, on any host)")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
     if not 1 <= a.steps <= 10**6:
@@ -240,8 +249,8 @@ def main(argv: list[str]) -> int:
             raise SpecError(f"{flag}: {path} exists and is not a folder")
     quiet = (lambda *_a, **_k: None) if a.json else print
     summary = compare(a.study, a.out, a.traces, a.steps, a.profile_steps, a.rerun, a.timeline_plan, log=quiet,
-                      repeats=a.repeats)
-    if a.json:
+                      repeats=a.repeats, run_only=a.run_only)
+    if a.json or a.run_only:
         print(json.dumps(summary, indent=1, default=str))
     else:
         print(f"held-out step-time error: median {summary['median_error_pct']:.1f} %, max "

@@ -138,7 +138,11 @@ class _Experts(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, counts, w1, w3, w2, backend: str, defer: list | None):
         gemm, _, _ = _ops(backend)
-        dt = x.dtype
+        # under autocast (bf16 on GPU) the experts compute in the autocast dtype, forward and
+        # backward alike: the backward runs outside autocast and follows the saved x's dtype
+        dev = x.device.type
+        dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+        x = x.to(dt)
         w1c, w3c, w2c = (w.to(dt) for w in (w1, w3, w2))
         with record_function("moe.fc1/fwd"):
             g, u = gemm(x, w1c, counts), gemm(x, w3c, counts)

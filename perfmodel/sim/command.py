@@ -33,6 +33,10 @@ def _study_jobs(path: str) -> list[tuple[Any, Any, Any, Any]]:
     base = Path(path).parent
     model = resolve(study.model, "model", base)
     cluster = resolve(study.cluster, "cluster", base)
+    if study.world_size:  # a runtime study (moeperf compare) runs on world_size ranks of the cluster
+        from perfmodel.calibrate_data import on_world
+
+        cluster = on_world(cluster, study.world_size, f"{path}: world_size")
     profile = resolve(study.profile, "profile", base) if study.profile is not None else None
     jobs = []
     for p in study.plans:

@@ -42,15 +42,24 @@ if triton_import_error() is None:
     import triton.language as tl
 
     def _configs_fwd() -> list:
-        # H100: 128x256x64 with 3-4 stages is the usual bf16 sweet spot; 64-row tiles help
-        # when experts get few tokens (DeepSeek-style many small experts); fp8 likes BLOCK_K=128.
+        # H100: 128x256x64 with 3-4 stages is the usual bf16 sweet spot; 64-row tiles help when
+        # experts get few tokens (DeepSeek-style many small experts); fp8 wants BLOCK_K=128
+        # (a 128-byte K slice per row, as wgmma reads it).  Shared memory per stage stays
+        # <= 48 KB, so 4 stages fit Hopper's 228 KB.
         cfgs = []
         for bm, bn, bk, w, s in [(128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (128, 128, 64, 4, 4),
                                  (128, 128, 64, 8, 4), (64, 256, 64, 4, 4), (64, 128, 64, 4, 4),
-                                 (128, 256, 128, 8, 3), (128, 128, 128, 8, 3), (64, 128, 128, 4, 4)]:
+                                 (128, 256, 128, 8, 3), (128, 256, 128, 8, 4), (128, 128, 128, 8, 3),
+                                 (64, 128, 128, 4, 4)]:
             cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
                                       num_warps=w, num_stages=s))
         return cfgs
+
+    def _prune_fwd(configs: list, nargs: dict, **_kw) -> list:
+        """16-bit operands take the BLOCK_K=64 configs, fp8 the BLOCK_K=128 ones: autotuning then
+        compiles half the list per shape (compiles dominate a first call's time)."""
+        want = 128 if nargs["a_ptr"].element_size() == 1 else 64
+        return [c for c in configs if c.kwargs["BLOCK_K"] == want] or configs
 
     def _configs_wgrad() -> list:
         cfgs = []
@@ -66,7 +75,7 @@ if triton_import_error() is None:
                        stride_cm, stride_cn, stride_sbe,
                        HAS_SCALES: tl.constexpr, PRECISION: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                       GROUP_M: tl.constexpr, E_POW2: tl.constexpr):
+                       GROUP_M: tl.constexpr, E_POW2: tl.constexpr, EVEN_K: tl.constexpr):
         pid = tl.program_id(0)
         num_m = tl.cdiv(M, BLOCK_M) + E  # upper bound on row tiles: each expert wastes < 1 tile
         num_n = tl.cdiv(N, BLOCK_N)
@@ -101,9 +110,13 @@ if triton_import_error() is None:
         b_ptrs = b_ptr + expert.to(tl.int64) * stride_be + ks[:, None] * stride_bk + cols[None, :] * stride_bn
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, k_end, BLOCK_K):
-            k_ok = (k0 + ks) < K
-            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            if EVEN_K:  # K a multiple of BLOCK_K (every model shape): no K mask in the hot loop
+                a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
+                b = tl.load(b_ptrs, mask=col_ok[None, :], other=0.0)
+            else:
+                k_ok = (k0 + ks) < K
+                a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
             acc = tl.dot(a, b, acc, input_precision=PRECISION)
             a_ptrs += BLOCK_K * stride_ak
             b_ptrs += BLOCK_K * stride_bk
@@ -145,7 +158,9 @@ if triton_import_error() is None:
         c_ptrs = c_ptr + e.to(tl.int64) * stride_ce + kk[:, None] * stride_ck + cols[None, :] * stride_cn
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=k_ok[:, None] & col_ok[None, :])
 
-    _gg_fwd_tuned = triton.autotune(configs=_configs_fwd(), key=["N", "K", "HAS_SCALES", "E_POW2"])(_gg_fwd_kernel)
+    _gg_fwd_tuned = triton.autotune(configs=_configs_fwd(), key=["N", "K", "HAS_SCALES", "E_POW2"],
+                                    prune_configs_by={"early_config_prune": _prune_fwd})(
+        triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})(_gg_fwd_kernel))
     _gg_wgrad_tuned = triton.autotune(configs=_configs_wgrad(), key=["K", "N"])(_gg_wgrad_kernel)
 
 
@@ -179,7 +194,7 @@ def _launch_fwd(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, out: to
         bm, bn, bk = 16, 32, 32  # small tiles keep the interpreter fast and exercise ragged edges
         grid = ((triton.cdiv(m, bm) + e) * triton.cdiv(n, bn),)
         _gg_fwd_kernel[grid](*args, HAS_SCALES=has_scales, PRECISION=prec,
-                             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=4, E_POW2=e_pow2)
+                             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=4, E_POW2=e_pow2, EVEN_K=k % bk == 0)
     return out
 
 

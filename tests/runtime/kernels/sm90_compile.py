@@ -42,7 +42,7 @@ GG_DIV = ("a_ptr", "b_ptr", "c_ptr", "offs_ptr", "N", "K", "stride_am", "stride_
 
 def cases() -> dict:
     bf, i32 = "*bf16", "i32"
-    gemm_consts = dict(stride_ak=1, stride_cn=1, PRECISION="tf32", BLOCK_M=128, BLOCK_N=256, GROUP_M=8, E_POW2=32)
+    gemm_consts = dict(stride_ak=1, stride_cn=1, PRECISION="tf32", BLOCK_M=128, BLOCK_N=256, GROUP_M=8, E_POW2=32, EVEN_K=True)
     return {
         # bf16: W [E, K, N] row-major (unit stride along N)
         "gemm_fwd_bf16": (gg._gg_fwd_kernel, dict(GG_SIG, a_ptr=bf, b_ptr=bf, c_ptr=bf, stride_bk=i32),
