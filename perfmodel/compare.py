@@ -145,7 +145,7 @@ def compare(study_path: str, out: Path | None = None, traces_root: Path | None =
     traces_root = traces_root or REPO / "traces"
     out = out or Path(study_path).with_name(f"{Path(study_path).stem}-compare")
     plans = [plan_of(study, p) for p in study.plans]
-    if not any(p.calibrate for p in plans):
+    if not run_only and not any(p.calibrate for p in plans):
         raise SpecError(f"{study_path}: plans: no plan has calibrate: true (nothing to calibrate on)")
     if timeline_plan is not None and timeline_plan not in {p.name for p in plans}:
         raise SpecError(f"--timeline-plan: {timeline_plan!r} is not a plan of {study_path}")

@@ -11,9 +11,11 @@ row tiles (cdiv(M, BLOCK_M) + E), and each program finds its expert from the off
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
-from ._backend import resolve_backend, triton_import_error, use_autotune
+from ._backend import interpret_mode, resolve_backend, triton_import_error, use_autotune
 
 # ---------------------------------------------------------------- torch reference
 
@@ -49,6 +51,7 @@ if triton_import_error() is None:
         cfgs = []
         for bm, bn, bk, w, s in [(128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (128, 128, 64, 4, 4),
                                  (128, 128, 64, 8, 4), (64, 256, 64, 4, 4), (64, 128, 64, 4, 4),
+                                 (256, 128, 64, 8, 3), (128, 128, 64, 4, 5),
                                  (128, 256, 128, 8, 3), (128, 256, 128, 8, 4), (128, 128, 128, 8, 3),
                                  (64, 128, 128, 4, 4)]:
             cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
@@ -63,8 +66,11 @@ if triton_import_error() is None:
 
     def _configs_wgrad() -> list:
         cfgs = []
+        # H100 run 1 (benchmarks/results/kernels_gpu_*.csv): these reached 0.51-0.77 of cuBLAS; the
+        # wider tiles (256 rows or columns, 8 warps) are candidates for the large-expert shapes
         for bk, bn, bm, w, s in [(128, 128, 64, 4, 4), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3),
-                                 (64, 128, 64, 4, 4), (128, 128, 128, 8, 3)]:
+                                 (64, 128, 64, 4, 4), (128, 128, 128, 8, 3), (256, 128, 64, 8, 3),
+                                 (128, 256, 64, 8, 4), (128, 128, 64, 8, 4)]:
             cfgs.append(triton.Config({"BLOCK_K": bk, "BLOCK_N": bn, "BLOCK_M": bm},
                                       num_warps=w, num_stages=s))
         return cfgs
@@ -158,9 +164,76 @@ if triton_import_error() is None:
         c_ptrs = c_ptr + e.to(tl.int64) * stride_ce + kk[:, None] * stride_ck + cols[None, :] * stride_cn
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=k_ok[:, None] & col_ok[None, :])
 
+    @triton.jit
+    def _gg_fwd_tma_kernel(a_ptr, b_ptr, c_ptr, offs_ptr, sa_ptr, sb_ptr, M, N, K, E, stride_cm, stride_sbe,
+                           B_TRANS: tl.constexpr, HAS_SCALES: tl.constexpr, PRECISION: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                           GROUP_M: tl.constexpr, E_POW2: tl.constexpr):
+        """The forward kernel with Hopper TMA loads (bulk tensor copies into shared memory).
+
+        A is [M, K] row-major; B is expert-stacked and read as 2-D: [E*K, N] (B_TRANS False: W
+        [E, K, N]) or [E*N, K] (B_TRANS True: W stored [E, N, K], i.e. dgrad's W^T and fp8's
+        K-major weights). A tile may run past its expert's rows into the next expert's: those
+        rows are computed and never stored; past M, TMA fills zeros. Needs K % BLOCK_K == 0 (a
+        B tile must not cross into the next expert's K rows).
+        """
+        pid = tl.program_id(0)
+        num_m = tl.cdiv(M, BLOCK_M) + E
+        num_n = tl.cdiv(N, BLOCK_N)
+        width = GROUP_M * num_n
+        first_m = (pid // width) * GROUP_M
+        group_m = tl.minimum(num_m - first_m, GROUP_M)
+        tile_m = first_m + (pid % width) % group_m
+        pid_n = (pid % width) // group_m
+        eidx = tl.arange(0, E_POW2)
+        e_ok = eidx < E
+        lo = tl.load(offs_ptr + eidx, mask=e_ok, other=0)
+        hi = tl.load(offs_ptr + eidx + 1, mask=e_ok, other=0)
+        n_tiles = (hi - lo + BLOCK_M - 1) // BLOCK_M
+        cum = tl.cumsum(n_tiles, axis=0)
+        valid = tile_m < tl.sum(n_tiles, axis=0)
+        expert = tl.sum((cum <= tile_m).to(tl.int32), axis=0)
+        sel = (eidx == expert) & valid
+        row_start = tl.sum(tl.where(sel, lo + (tile_m - (cum - n_tiles)) * BLOCK_M, 0), axis=0)
+        row_end = tl.sum(tl.where(sel, hi, 0), axis=0)
+        k_end = tl.where(valid, K, 0)
+        expert = tl.where(valid, expert, 0)
+        a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[K, 1], block_shape=[BLOCK_M, BLOCK_K])
+        if B_TRANS:
+            b_desc = tl.make_tensor_descriptor(b_ptr, shape=[E * N, K], strides=[K, 1],
+                                               block_shape=[BLOCK_N, BLOCK_K])
+        else:
+            b_desc = tl.make_tensor_descriptor(b_ptr, shape=[E * K, N], strides=[N, 1],
+                                               block_shape=[BLOCK_K, BLOCK_N])
+        n0 = pid_n * BLOCK_N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, k_end, BLOCK_K):
+            a = a_desc.load([row_start, k0])
+            if B_TRANS:
+                b = tl.trans(b_desc.load([expert * N + n0, k0]))
+            else:
+                b = b_desc.load([expert * K + k0, n0])
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        rows = row_start + tl.arange(0, BLOCK_M)
+        cols = n0 + tl.arange(0, BLOCK_N)
+        row_ok = rows < row_end
+        col_ok = cols < N
+        if HAS_SCALES:
+            sa = tl.load(sa_ptr + rows, mask=row_ok, other=0.0)
+            sb = tl.load(sb_ptr + expert * stride_sbe + cols, mask=col_ok, other=0.0)
+            acc = acc * sa[:, None] * sb[None, :]
+        c_ptrs = c_ptr + rows[:, None].to(tl.int64) * stride_cm + cols[None, :]
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+    def _prune_tma(configs: list, nargs: dict, **kw) -> list:
+        ok = [c for c in _prune_fwd(configs, nargs) if nargs["K"] % c.kwargs["BLOCK_K"] == 0]
+        return ok or configs
+
     _gg_fwd_tuned = triton.autotune(configs=_configs_fwd(), key=["N", "K", "HAS_SCALES", "E_POW2"],
                                     prune_configs_by={"early_config_prune": _prune_fwd})(
         triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})(_gg_fwd_kernel))
+    _gg_fwd_tma_tuned = triton.autotune(configs=_configs_fwd(), key=["N", "K", "HAS_SCALES", "E_POW2", "B_TRANS"],
+                                        prune_configs_by={"early_config_prune": _prune_tma})(_gg_fwd_tma_kernel)
     _gg_wgrad_tuned = triton.autotune(configs=_configs_wgrad(), key=["K", "N"])(_gg_wgrad_kernel)
 
 
@@ -172,9 +245,39 @@ def _precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
+_TMA_FAILED: list[str] = []  # why the TMA kernel could not run here (then the pointer kernel runs)
+
+
+def _tma_alloc(size: int, alignment: int, stream):  # scratch for device-side TMA descriptors
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def tma_available(device: torch.device) -> bool:
+    """Hopper (sm_90+) with a Triton that builds TMA descriptors in-kernel, and no failure seen."""
+    if _TMA_FAILED or triton_import_error() is not None or not hasattr(tl, "make_tensor_descriptor"):
+        return False
+    if device.type != "cuda" or interpret_mode():
+        return interpret_mode()  # the interpreter runs it too (CPU tests of the kernel)
+    return torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def _tma_layout(a: torch.Tensor, b_strides: tuple[int, int, int], n: int, k: int) -> bool | None:
+    """B_TRANS for a TMA launch (B [E, K, N] as stored [E, K, N] -> False, [E, N, K] -> True), or
+    None where TMA cannot read these operands (strided A, other B layouts, K not a multiple of 128)."""
+    if k % 128 or a.stride(1) != 1 or a.stride(0) != k or (k * a.element_size()) % 16:
+        return None
+    if b_strides == (k * n, n, 1) and (n * a.element_size()) % 16 == 0:
+        return False
+    if b_strides == (n * k, 1, k):
+        return True
+    return None
+
+
 def _launch_fwd(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, out: torch.Tensor,
                 b_strides: tuple[int, int, int], n: int, k: int,
-                sa: torch.Tensor | None = None, sb: torch.Tensor | None = None) -> torch.Tensor:
+                sa: torch.Tensor | None = None, sb: torch.Tensor | None = None,
+                tma: bool | None = None) -> torch.Tensor:
+    """`tma`: None = TMA loads where available (Hopper) and the operands allow, else pointer loads."""
     m, e = a.shape[0], offsets.numel() - 1
     if m == 0 or n == 0:
         return out
@@ -182,10 +285,40 @@ def _launch_fwd(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, out: to
     sa_ = sa if has_scales else offsets  # dummy pointers, never read when HAS_SCALES is False
     sb_ = sb if has_scales else offsets
     stride_sbe = sb.stride(0) if has_scales else 0
-    args = (a, b, out, offsets, sa_, sb_, m, n, k, e, a.stride(0), a.stride(1), *b_strides,
-            out.stride(0), out.stride(1), stride_sbe)
     prec = _precision(a.dtype)
     e_pow2 = max(16, triton.next_power_of_2(e))  # >= 16: tiny aranges trip some backends
+    forced = tma is True
+    if tma is None:  # measured on an H100 (benchmarks/results/kernels_gpu_*.csv): TMA loads win for
+        # 16-bit operands (dgrad +15 %), pointer loads for fp8 (TMA 3 % slower on average)
+        tma = a.element_size() >= 2
+    b_trans = _tma_layout(a, b_strides, n, k) if tma and tma_available(a.device) else None
+    if forced and b_trans is None:
+        raise RuntimeError(f"grouped GEMM: TMA asked for but not usable here (device {a.device}, K={k}, "
+                           f"B strides {b_strides}{'; ' + _TMA_FAILED[0] if _TMA_FAILED else ''})")
+    if b_trans is not None:
+        targs = (a, b, out, offsets, sa_, sb_, m, n, k, e, out.stride(0), stride_sbe)
+        try:
+            if use_autotune(a.device):
+                triton.set_allocator(_tma_alloc)
+
+                def tgrid(meta):
+                    return ((triton.cdiv(m, meta["BLOCK_M"]) + e) * triton.cdiv(n, meta["BLOCK_N"]),)
+                _gg_fwd_tma_tuned[tgrid](*targs, B_TRANS=b_trans, HAS_SCALES=has_scales, PRECISION=prec,
+                                         E_POW2=e_pow2)
+            else:
+                bm, bn, bk = 16, 32, 128
+                _gg_fwd_tma_kernel[((triton.cdiv(m, bm) + e) * triton.cdiv(n, bn),)](
+                    *targs, B_TRANS=b_trans, HAS_SCALES=has_scales, PRECISION=prec,
+                    BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=4, E_POW2=e_pow2)
+            return out
+        except Exception as exc:  # a Triton/driver without working TMA: say so once, use pointer loads
+            if forced:
+                raise
+            _TMA_FAILED.append(f"{type(exc).__name__}: {str(exc)[:200]}")
+            print(f"moeperf: grouped GEMM TMA kernel failed ({_TMA_FAILED[0]}); using pointer loads",
+                  file=sys.stderr)
+    args = (a, b, out, offsets, sa_, sb_, m, n, k, e, a.stride(0), a.stride(1), *b_strides,
+            out.stride(0), out.stride(1), stride_sbe)
     if use_autotune(a.device):
         def grid(meta):
             return ((triton.cdiv(m, meta["BLOCK_M"]) + e) * triton.cdiv(n, meta["BLOCK_N"]),)
@@ -198,16 +331,20 @@ def _launch_fwd(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, out: to
     return out
 
 
-def grouped_gemm_fwd_triton(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+def grouped_gemm_fwd_triton(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor,
+                            tma: bool | None = None) -> torch.Tensor:
     """y = x_e @ W_e; W is [E, K, N] (any strides)."""
     out = torch.empty(x.shape[0], w.shape[2], dtype=x.dtype, device=x.device)
-    return _launch_fwd(x, w, offsets, out, (w.stride(0), w.stride(1), w.stride(2)), w.shape[2], w.shape[1])
+    return _launch_fwd(x, w, offsets, out, (w.stride(0), w.stride(1), w.stride(2)), w.shape[2], w.shape[1],
+                       tma=tma)
 
 
-def grouped_gemm_dgrad_triton(dy: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+def grouped_gemm_dgrad_triton(dy: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor,
+                              tma: bool | None = None) -> torch.Tensor:
     """dx = dy_e @ W_e^T: the forward kernel reading W [E, K, N] as [E, N, K] via swapped strides."""
     out = torch.empty(dy.shape[0], w.shape[1], dtype=dy.dtype, device=dy.device)
-    return _launch_fwd(dy, w, offsets, out, (w.stride(0), w.stride(2), w.stride(1)), w.shape[1], w.shape[2])
+    return _launch_fwd(dy, w, offsets, out, (w.stride(0), w.stride(2), w.stride(1)), w.shape[1], w.shape[2],
+                       tma=tma)
 
 
 def grouped_gemm_wgrad_triton(x: torch.Tensor, dy: torch.Tensor, offsets: torch.Tensor,
@@ -233,7 +370,7 @@ def grouped_gemm_wgrad_triton(x: torch.Tensor, dy: torch.Tensor, offsets: torch.
 
 def grouped_gemm_fp8_triton(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor,
                             w_scale: torch.Tensor, counts: torch.Tensor,
-                            out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+                            out_dtype: torch.dtype = torch.bfloat16, tma: bool | None = None) -> torch.Tensor:
     """FP8 forward: y = (xq_e @ wq_e) * x_scale[row] * w_scale[e, col] (per-token x per-channel).
 
     xq [M, K] e4m3, x_scale [M] fp32, wq [E, K, N] e4m3 (stored [E, N, K] and viewed transposed is
@@ -242,7 +379,7 @@ def grouped_gemm_fp8_triton(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.T
     offsets = counts_to_offsets(counts.to(xq.device))
     out = torch.empty(xq.shape[0], wq.shape[2], dtype=out_dtype, device=xq.device)
     return _launch_fwd(xq, wq, offsets, out, (wq.stride(0), wq.stride(1), wq.stride(2)),
-                       wq.shape[2], wq.shape[1], sa=x_scale.float().contiguous(), sb=w_scale.float())
+                       wq.shape[2], wq.shape[1], sa=x_scale.float().contiguous(), sb=w_scale.float(), tma=tma)
 
 
 # ---------------------------------------------------------------- autograd

@@ -37,11 +37,15 @@ def _compile(kernel, sig: dict, consts: dict, div16: tuple = (), num_warps: int 
 
 GG_SIG = dict(offs_ptr="*i32", sa_ptr="*fp32", sb_ptr="*fp32", M="i32", N="i32", K="i32", E="i32",
               stride_am="i32", stride_be="i32", stride_cm="i32", stride_sbe="i32")
+TMA_SIG = dict(offs_ptr="*i32", sa_ptr="*fp32", sb_ptr="*fp32", M="i32", N="i32", K="i32", E="i32",
+               stride_cm="i32", stride_sbe="i32")
+TMA_DIV = ("a_ptr", "b_ptr", "c_ptr", "offs_ptr", "N", "K", "stride_cm")
 GG_DIV = ("a_ptr", "b_ptr", "c_ptr", "offs_ptr", "N", "K", "stride_am", "stride_be", "stride_cm")
 
 
 def cases() -> dict:
     bf, i32 = "*bf16", "i32"
+    tma_consts = dict(PRECISION="tf32", BLOCK_M=128, BLOCK_N=256, GROUP_M=8, E_POW2=32)
     gemm_consts = dict(stride_ak=1, stride_cn=1, PRECISION="tf32", BLOCK_M=128, BLOCK_N=256, GROUP_M=8, E_POW2=32, EVEN_K=True)
     return {
         # bf16: W [E, K, N] row-major (unit stride along N)
@@ -50,6 +54,13 @@ def cases() -> dict:
         # fp8: W stored [E, N, K] (unit stride along K), per-row x per-column scales
         "gemm_fwd_fp8": (gg._gg_fwd_kernel, dict(GG_SIG, a_ptr="*fp8e4nv", b_ptr="*fp8e4nv", c_ptr=bf, stride_bn=i32),
                          dict(gemm_consts, stride_bk=1, HAS_SCALES=True, BLOCK_K=128), GG_DIV + ("stride_bn",), 8, 3),
+        # TMA loads (Hopper bulk tensor copies): W [E, K, N] (bf16 fwd) and [E, N, K] (dgrad, fp8)
+        "gemm_fwd_tma_bf16": (gg._gg_fwd_tma_kernel, dict(TMA_SIG, a_ptr=bf, b_ptr=bf, c_ptr=bf),
+                              dict(tma_consts, B_TRANS=False, HAS_SCALES=False, BLOCK_K=64), TMA_DIV, 8, 3),
+        "gemm_dgrad_tma_bf16": (gg._gg_fwd_tma_kernel, dict(TMA_SIG, a_ptr=bf, b_ptr=bf, c_ptr=bf),
+                                dict(tma_consts, B_TRANS=True, HAS_SCALES=False, BLOCK_K=64), TMA_DIV, 8, 3),
+        "gemm_fwd_tma_fp8": (gg._gg_fwd_tma_kernel, dict(TMA_SIG, a_ptr="*fp8e4nv", b_ptr="*fp8e4nv", c_ptr=bf),
+                             dict(tma_consts, B_TRANS=True, HAS_SCALES=True, BLOCK_K=128), TMA_DIV, 8, 3),
         "gemm_wgrad": (gg._gg_wgrad_kernel,
                        dict(a_ptr=bf, g_ptr=bf, c_ptr=bf, offs_ptr="*i32", K=i32, N=i32, stride_am=i32,
                             stride_gm=i32, stride_ce=i32, stride_ck=i32),
@@ -92,7 +103,8 @@ def main() -> int:
     for name, (kernel, sig, consts, div, warps, stages) in cases().items():
         try:
             ptx = _compile(kernel, sig, consts, div, warps, stages).asm["ptx"]
-            out[name] = {"ok": True, "wgmma": "wgmma.mma_async" in ptx, "cp_async": "cp.async" in ptx}
+            out[name] = {"ok": True, "wgmma": "wgmma.mma_async" in ptx, "cp_async": "cp.async" in ptx,
+                         "tma": "cp.async.bulk.tensor" in ptx}
         except Exception as exc:
             out[name] = {"ok": False, "error": f"{type(exc).__name__}: {str(exc)[-800:]}"}
     print(json.dumps(out))

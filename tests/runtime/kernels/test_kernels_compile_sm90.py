@@ -17,7 +17,7 @@ if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").
     pytest.skip("this triton wheel ships no ptxas", allow_module_level=True)
 
 SCRIPT = Path(__file__).with_name("sm90_compile.py")
-KERNELS = ["gemm_fwd_bf16", "gemm_fwd_fp8", "gemm_wgrad", "swiglu_fwd", "swiglu_bwd", "permute_scatter",
+KERNELS = ["gemm_fwd_bf16", "gemm_fwd_fp8", "gemm_fwd_tma_bf16", "gemm_dgrad_tma_bf16", "gemm_fwd_tma_fp8", "gemm_wgrad", "swiglu_fwd", "swiglu_bwd", "permute_scatter",
            "unpermute_gather_sum", "unpermute_bwd", "fp8_quant", "fp8_dequant"]
 
 
@@ -42,3 +42,8 @@ def test_kernel_compiles_for_h100(compiled, name):
 @pytest.mark.parametrize("name", ["gemm_fwd_bf16", "gemm_fwd_fp8", "gemm_wgrad"])
 def test_gemms_use_wgmma_with_async_copy_pipeline(compiled, name):
     assert compiled[name]["wgmma"] and compiled[name]["cp_async"]
+
+
+@pytest.mark.parametrize("name", ["gemm_fwd_tma_bf16", "gemm_dgrad_tma_bf16", "gemm_fwd_tma_fp8"])
+def test_tma_gemms_use_bulk_tensor_copies_and_wgmma(compiled, name):
+    assert compiled[name]["wgmma"] and compiled[name]["tma"]
