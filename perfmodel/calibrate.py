@@ -17,7 +17,10 @@ Every fit is a straight line in the op's work, solved by least squares on relati
   unprofiled step times of the runs and taken out of every sample (perfmodel.calibrate_data);
 * framework overhead: step time outside every op span (Python glue, small unnamed ops), fitted
   over the runs as a part per compute-op instance (added to `launch_overhead_us`) and a part per
-  step (`step_overhead_us`: data, zero_grad, the loop); on CPU it is a large share of a step;
+  step (`step_overhead_us`: data, zero_grad, the loop); on CPU it is a large share of a step.
+  On GPU traces (kernel times) the host runs ahead of the device instead: `host_us_per_op` (an
+  op lasts at least that long) and `step_overhead_us` are fitted on the step times
+  (perfmodel.calibrate_host);
 * `sync_skew`: the spread of the ranks' arrival at a collective as a fraction of the work each
   did since its previous collective (ranks drift apart while they compute; the mean rank waits
   for the last of its n peers: perfmodel.collectives.straggler_wait_s), chosen jointly with the
@@ -44,6 +47,7 @@ import yaml
 from perfmodel import atomic
 from perfmodel.argparse_util import parser
 from perfmodel.calibrate_data import Sample, collect, recorded_cluster
+from perfmodel.calibrate_host import fit_host, host_cases
 from perfmodel.calibrate_overlap import fit_slowdown, step_cases
 from perfmodel.collectives import latency_steps, straggler_wait_s
 from perfmodel.specs import ProfileSpec, SpecError, load_spec, parse_spec
@@ -192,9 +196,13 @@ def _sig(x: float, digits: int = 6) -> float:
 
 
 def fit_profile(samples: list[Sample], base: ProfileSpec, sources: list[str], link_bw_GBps: float | None = None,
-                overhead_s: float = 0.0, profiler_us_per_event: float = 0.0, step_overhead_s: float = 0.0
-                ) -> tuple[ProfileSpec, dict[str, dict[str, Any]]]:
+                overhead_s: float = 0.0, profiler_us_per_event: float = 0.0, step_overhead_s: float = 0.0,
+                datasheet_peaks: bool = False) -> tuple[ProfileSpec, dict[str, dict[str, Any]]]:
     """The calibrated profile and, per fit, its samples and line (for the figures).
+
+    `datasheet_peaks` (GPU traces): the base profile's peaks are the vendor's, so a fit never
+    raises them (efficiency tops out at 1), and a dtype whose GEMMs are too small to be
+    FLOP-bound (a router's, median < 1 GFLOP) keeps its peak instead of one read off overheads.
 
     `overhead_s`: step time outside every op span (Python and framework glue) per compute-op
     instance; it joins the launch overhead, so the simulated step carries it too (and
@@ -253,14 +261,16 @@ def fit_profile(samples: list[Sample], base: ProfileSpec, sources: list[str], li
                 peak = peaks.get(dt) or peaks.get("bf16") or max(peaks.values())
                 eff_max = rate / (peak * 1e12)
                 if eff_max > 1:
-                    if kind == "gemm":
+                    if kind == "gemm" and not datasheet_peaks:
                         peaks[dt], eff_max = _sig(rate / 1e12 / 0.9), 0.9
                     else:
                         eff_max = 1.0
                 half = max(0.0, (a - launch_s) / b)
                 curve = {"max": _sig(eff_max), "half_work": _sig(half)}
-            elif kind == "gemm" and eff_max:
+            elif kind == "gemm" and eff_max and not (datasheet_peaks and np.median([x.flops for x in ss]) < 1e9):
                 peaks[dt] = _sig(rate / 1e12 / eff_max)
+                if datasheet_peaks and dt in base.peak_tflops:
+                    peaks[dt] = min(peaks[dt], base.peak_tflops[dt])
         d[field] = curve
     d["peak_tflops"] = peaks
     # collectives: alpha-beta per collective and group kind, after the straggler wait
@@ -357,8 +367,16 @@ def calibrate(run_dirs: list[str | Path], out: str | Path, base: str | None = No
     dirs = expand_dirs([str(d) for d in run_dirs])
     prof, bw = base_profile(dirs[0], base)
     samples, over, per_event_us = collect(dirs)
-    per_op, per_step = framework_overhead(over)
-    profile, fits = fit_profile(samples, prof, [str(d) for d in dirs], bw, per_op, per_event_us, per_step)
+    hosts = host_cases(dirs)  # GPU traces: the host runs ahead of the device (perfmodel.calibrate_host)
+    per_op, per_step = framework_overhead(over) if not hosts else (0.0, 0.0)
+    if hosts:
+        host_s, per_step, host_err = fit_host(hosts)
+    profile, fits = fit_profile(samples, prof, [str(d) for d in dirs], bw, per_op, per_event_us, per_step,
+                                datasheet_peaks=bool(hosts))
+    if hosts:
+        resid = {**profile.residuals, "host.n": float(len(hosts)), "host.step_rms_rel_err": _sig(host_err, 4)}
+        profile = profile.model_copy(update={"host_us_per_op": _sig(host_s * 1e6),
+                                             "residuals": dict(sorted(resid.items()))})
     overlapped, plain = step_cases([(str(d), *read_run(d)) for d in dirs])
     slow = fit_slowdown(profile, overlapped, plain)
     if slow is not None:

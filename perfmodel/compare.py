@@ -212,6 +212,7 @@ def compare(study_path: str, out: Path | None = None, traces_root: Path | None =
     errs = [abs(r["error_pct"]) for r in held]
     summary = {
         "study": study.name, "world_size": world, "profile": str(out / "profile.yaml"),
+        "host_us_per_op": profile.host_us_per_op,
         "calibrated_on": [p.name for p in plans if p.calibrate and p.name in runs],
         "held_out": [r["plan"] for r in held], "failed": failed, "repeats": repeats,
         "measured_spread_pct_median": statistics.median(r["measured_spread_pct"] for r in rows) if rows else 0.0,

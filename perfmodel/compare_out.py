@@ -142,8 +142,13 @@ def report_md(rows: list[dict[str, Any]], op_rows: list[dict[str, Any]], summary
     held = sorted((r for r in rows if r["held_out"]), key=lambda r: -abs(r["error_pct"]))
     worst = [r for r in held if abs(r["error_pct"]) > 10.0] or held[:1]
     if worst:
-        lines += ["", "## Ops carrying the error (held-out plans off by > 10 %, else the worst; per step)", "",
-                  "| plan | op | predicted (us) | measured (us) | per step | predicted - measured (ms per step) |",
+        lines += ["", "## Ops carrying the error (held-out plans off by > 10 %, else the worst; per step)", ""]
+        host_us = summary.get("host_us_per_op") or 0.0
+        if host_us > 0:
+            lines += [f"GPU traces: measured op times are kernel times, while a predicted op lasts at least the "
+                      f"host's {host_us:.0f} us to issue it (`host_us_per_op`), so small ops read as over-predicted "
+                      "here; the step-level error is the host's, fitted per step and per op.", ""]
+        lines += ["| plan | op | predicted (us) | measured (us) | per step | predicted - measured (ms per step) |",
                   "| --- | --- | --- | --- | --- | --- |"]
     for r in worst:
         mine = [o for o in op_rows if o["plan"] == r["plan"]]

@@ -4,7 +4,8 @@
              (grouped GEMMs use the grouped curve; fp8 GEMMs the fp8 peak)
   attention  FLOPs / (peak_bf16 x attention efficiency(FLOPs)), floored by HBM traffic
   memory     bytes / (HBM bandwidth x memory efficiency(bytes))
-  + one kernel launch overhead per op.
+  + one kernel launch overhead per op; and never less than the host's time to issue the op
+  (`host_us_per_op`: the device runs ahead of a host that issues ops faster than they run).
 
 `efficiency_work` lets the intra-op tile model time a slice of a GEMM at the efficiency of
 the whole GEMM (tiles of one fused kernel keep its efficiency; chunks do not).
@@ -28,10 +29,12 @@ class Hardware:
     hbm_Bps: float
     launch_s: float
     tile_overhead_s: float = TILE_OVERHEAD_US * 1e-6
+    host_s: float = 0.0
 
     @classmethod
     def of(cls, profile: ProfileSpec) -> Hardware:
-        return cls(profile, profile.hbm_bw_GBps * 1e9, profile.launch_overhead_us * 1e-6)
+        return cls(profile, profile.hbm_bw_GBps * 1e9, profile.launch_overhead_us * 1e-6,
+                   host_s=profile.host_us_per_op * 1e-6)
 
     def peak_flops(self, dtype: str) -> float:
         peaks = self.profile.peak_tflops
@@ -46,12 +49,17 @@ class Hardware:
         return nbytes / (self.hbm_Bps * max(self.profile.memory_efficiency.at(nbytes), 1e-9))
 
     def compute_s(self, op: Op, frac: float = 1.0, efficiency_work: float | None = None,
-                  launch_s: float | None = None) -> float:
+                  launch_s: float | None = None, host: bool = True) -> float:
         """Seconds for `frac` of a compute op (gemm | attention | memory) on one GPU, launch included.
 
         `efficiency_work` (FLOPs) sets the size the efficiency curve is read at (default: the
-        slice's own FLOPs); `launch_s` overrides the launch overhead (a tile's overhead).
+        slice's own FLOPs); `launch_s` overrides the launch overhead (a tile's overhead); `host`
+        False: issued with the previous slice (tiles of one fused kernel), no host time of its own.
         """
+        t = self._device_s(op, frac, efficiency_work, launch_s)
+        return max(t, self.host_s) if host else t
+
+    def _device_s(self, op: Op, frac: float, efficiency_work: float | None, launch_s: float | None) -> float:
         p = self.profile
         over = self.launch_s if launch_s is None else launch_s
         nbytes = op.bytes * frac

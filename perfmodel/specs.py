@@ -232,6 +232,10 @@ class ProfileSpec(Strict):
     attention_efficiency: EfficiencyCurve
     memory_efficiency: EfficiencyCurve
     launch_overhead_us: NonNegFloat = 4.0
+    # calibrated on GPU traces: host (CPU) time to issue one op-graph op. A GPU runs ahead of its
+    # host, so an op takes max(device time, this), not their sum: small ops of a Python training
+    # loop are host-bound, large ones are not. 0 on presets and on CPU profiles (ops run inline)
+    host_us_per_op: NonNegFloat = 0.0
     # calibrated: host time per step outside every op span that does not grow with the op count
     # (data, zero_grad, the training loop); 0 on presets
     step_overhead_us: NonNegFloat = 0.0

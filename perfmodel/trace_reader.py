@@ -240,7 +240,9 @@ def _label_threads(threads: dict[Any, list[_Node]]) -> None:
 def read_trace(path: str | Path, meta: dict[str, Any] | None = None) -> RankTrace:
     events, top = load_events(path)
     complete = [e for e in events if e.get("ph") == "X" and isinstance(e.get("name"), str)]
-    cpu = [e for e in complete if str(e.get("cat", "")) not in DEVICE_CATS]
+    # gpu_user_annotation: the profiler's copy of each CPU span on the GPU timeline (ProfilerStep#N
+    # too) -- read as a CPU thread it would double the steps and the spans
+    cpu = [e for e in complete if str(e.get("cat", "")) not in DEVICE_CATS + ("gpu_user_annotation",)]
     device = [e for e in complete if str(e.get("cat", "")) in DEVICE_CATS]
     source = "torch" if any(str(e.get("cat", "")) in ("cpu_op", "user_annotation") for e in cpu) else "sim"
     by_thread: dict[Any, list[dict[str, Any]]] = defaultdict(list)

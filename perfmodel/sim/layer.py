@@ -225,7 +225,7 @@ def _run(ops: list[Op], overlap: OverlapSpec, hw: Hardware, comm_cost: Callable[
             yield job.done
             net.comm_presence(-1)
         else:
-            job = net.submit(hw.compute_s(s.op, s.frac, s.eff_work, s.launch_s), ("compute",), "compute")
+            job = net.submit(hw.compute_s(s.op, s.frac, s.eff_work, s.launch_s, host=s.latency), ("compute",), "compute")
             yield job.done
         s.end_s = env.now
         if s.op.kind != "comm":

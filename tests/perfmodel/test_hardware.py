@@ -30,3 +30,13 @@ def test_efficiency_work_and_attention():
     assert hw.compute_s(g, 0.25, launch_s=0) > q  # a chunk runs at its own (lower) efficiency
     att = Op("attn.core", "fwd", "attention", flops=1e12, bytes=1e6)
     assert hw.compute_s(att) > 1e12 / 989e12
+
+
+def test_host_time_floors_each_op_not_adds_to_it():
+    """host_us_per_op: a GPU runs ahead of its host, so an op lasts max(device, host), not the sum."""
+    p = load_spec("h100-sxm", "profile").model_copy(update={"host_us_per_op": 500.0})
+    hw, plain = Hardware.of(p), Hardware.of(load_spec("h100-sxm", "profile"))
+    tiny, big = mem("moe.act", 1e3), gemm("moe.fc1", 16384, 8192, 8192)
+    assert hw.compute_s(tiny) == pytest.approx(500e-6)
+    assert hw.compute_s(big) == pytest.approx(plain.compute_s(big))  # device-bound: unchanged
+    assert hw.compute_s(tiny, host=False) == pytest.approx(plain.compute_s(tiny))  # a later tile of one kernel

@@ -111,3 +111,26 @@ def test_missing_file_and_empty_dir(tmp_path):
         read_trace(tmp_path / "nope.json")
     with pytest.raises(SpecError, match="no rank<k>.json"):
         rank_files(tmp_path)
+
+
+def test_gpu_trace_kernel_time_and_device_copies_of_spans(tmp_path):
+    """GPU traces: op time is the kernels' device time (linked by correlation, through runtime or
+    driver launches), and the profiler's gpu_user_annotation copies of the spans (ProfilerStep#N
+    included) on the GPU timeline are not a second CPU thread: one step, not two."""
+    def x(name, cat, ts, dur, tid=1, **args):
+        return {"ph": "X", "name": name, "cat": cat, "pid": 1, "tid": tid, "ts": ts, "dur": dur, "args": args}
+    ev = [x("ProfilerStep#6", "user_annotation", 0, 1000),
+          x("moe.fc1/fwd", "user_annotation", 10, 100),
+          x("aten::mm", "cpu_op", 12, 50),
+          x("cuLaunchKernelEx", "cuda_driver", 20, 5, correlation=7),
+          x("attn.proj/fwd", "user_annotation", 200, 50),
+          x("cudaLaunchKernel", "cuda_runtime", 210, 5, correlation=8),
+          x("nvjet_gemm", "kernel", 30, 300, tid=7, correlation=7),
+          x("elementwise", "kernel", 400, 40, tid=7, correlation=8),
+          x("ProfilerStep#6", "gpu_user_annotation", 25, 700, tid=7),
+          x("moe.fc1/fwd", "gpu_user_annotation", 30, 300, tid=7)]
+    p = tmp_path / "rank0.json"
+    p.write_text(json.dumps({"traceEvents": ev}))
+    tr = read_trace(p)
+    assert tr.device and tr.n_steps == 1
+    assert tr.op_us == {"moe.fc1/fwd": 300.0, "attn.proj/fwd": 40.0}
