@@ -14,7 +14,8 @@ and prints the 8 other points as predictions. The resulting constants are writte
 h800 preset by hand (and shared by h100-sxm / h200: same SMs, same NCCL); this script is
 how they were obtained and how to check them.
 
-usage: python benchmarks/calibrate_from_paper.py [--base PROFILE]   (last line: max_abs_error_pct X)
+usage: python benchmarks/calibrate_from_paper.py [--base PROFILE] [--kernels CALIBRATED_PROFILE]
+       (last line: max_abs_error_pct X)
 """
 
 from __future__ import annotations
@@ -42,9 +43,16 @@ DATASHEET_COMPUTE = {"gemm_efficiency": 0.72, "grouped_gemm_efficiency": 0.66, "
 DATASHEET_FABRIC = {"nvlink": 0.80, "ib": 0.85, "pcie": 0.80}
 
 
-def scaled(base: ProfileSpec, f: float, g: float) -> ProfileSpec:
+def scaled(base: ProfileSpec, f: float, g: float, kernels: ProfileSpec | None = None) -> ProfileSpec:
+    """`base` with compute maxima = kernel-level maxima x f and fabric efficiencies = datasheet x g.
+    Kernel level: the datasheet figures above, or the curves (max and half_work) of `kernels`,
+    a profile calibrated on a real GPU (moeperf compare studies/h100-1gpu.yaml)."""
     d = base.model_dump()
-    over = {k: {**d[k], "max": v * f} for k, v in DATASHEET_COMPUTE.items() if d.get(k)}
+    if kernels is None:
+        over = {k: {**d[k], "max": v * f} for k, v in DATASHEET_COMPUTE.items() if d.get(k)}
+    else:
+        over = {k: {"max": getattr(kernels, k).max * f, "half_work": getattr(kernels, k).half_work}
+                for k in COMPUTE if getattr(kernels, k) is not None}
     over["fabrics"] = {k: {**v, "efficiency": DATASHEET_FABRIC.get(k, v["efficiency"]) * g}
                        for k, v in d["fabrics"].items()}
     return with_overrides(base, over, "calibration")
@@ -64,7 +72,10 @@ def bisect(fn, lo: float, hi: float, target: float, increasing: bool, steps: int
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--base", default="h800", help="profile whose efficiencies are replaced by datasheet x f, g")
+    ap.add_argument("--kernels", default=None, metavar="PROFILE",
+                    help="take the kernel-level compute curves from this calibrated profile instead of the datasheet")
     args = ap.parse_args()
+    kernels = load_spec(args.kernels, "profile") if args.kernels else None
     model = load_spec("megascale-moe-352b", "model")
     cluster = load_spec("megascale-1440", "cluster")
     base = load_spec(args.base, "profile")
@@ -72,7 +83,7 @@ def main() -> None:
     at = {n: with_overrides(cluster, {"nodes": n // cluster.gpus_per_node}, f"{n} GPUs") for n in PAPER_STEP_S}
 
     def step(plan: PlanSpec, n: int, f: float, g: float) -> float:
-        return simulate(model, at[n], plan, scaled(base, f, g)).step_time_s
+        return simulate(model, at[n], plan, scaled(base, f, g, kernels)).step_time_s
 
     # step time falls as f grows (faster compute); for each g, f matches MegaScale-MoE at 240
     def f_for(g: float) -> float:
@@ -80,7 +91,7 @@ def main() -> None:
 
     g = bisect(lambda g: step(mg, 240, f_for(g), g), 0.05, 1.25, PAPER_STEP_S[240][1], increasing=False, steps=16)
     f = f_for(g)
-    prof = scaled(base, f, g)
+    prof = scaled(base, f, g, kernels)
     print(f"f (compute) = {f:.4f}: " + ", ".join(f"{k} max {getattr(prof, k).max:.4f}" for k in COMPUTE))
     print(f"g (fabric)  = {g:.4f}: " + ", ".join(f"{k} {v.efficiency:.4f}" for k, v in prof.fabrics.items()))
     worst = 0.0

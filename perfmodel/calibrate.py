@@ -46,12 +46,12 @@ import yaml
 
 from perfmodel import atomic
 from perfmodel.argparse_util import parser
-from perfmodel.calibrate_data import Sample, collect, recorded_cluster
+from perfmodel.calibrate_data import Sample, base_profile, collect, expand_dirs, shown
 from perfmodel.calibrate_host import fit_host, host_cases
 from perfmodel.calibrate_overlap import fit_slowdown, step_cases
 from perfmodel.collectives import latency_steps, straggler_wait_s
-from perfmodel.specs import ProfileSpec, SpecError, load_spec, parse_spec
-from perfmodel.trace_reader import read_meta, read_run
+from perfmodel.specs import ProfileSpec, SpecError, parse_spec
+from perfmodel.trace_reader import read_run
 
 CURVES = {"gemm": "gemm_efficiency", "grouped_gemm": "grouped_gemm_efficiency", "attention": "attention_efficiency"}
 
@@ -338,30 +338,6 @@ def plot_fits(fits: dict[str, dict[str, Any]], out_dir: Path, stem: str) -> list
     return written
 
 
-def expand_dirs(dirs: list[str]) -> list[Path]:
-    """Run directories (rank<k>.json + meta.yaml); a folder of run folders is expanded."""
-    out: list[Path] = []
-    for d in map(Path, dirs):
-        if not d.is_dir():
-            raise SpecError(f"{d}: not a trace directory")
-        if (d / "meta.yaml").is_file():
-            out.append(d)
-            continue
-        subs = sorted(p.parent for p in d.glob("*/meta.yaml")) or sorted(p.parent for p in d.glob("*/*/meta.yaml"))
-        if not subs:
-            raise SpecError(f"{d}: no meta.yaml in it or its sub-folders (expected traces/<run-id>/meta.yaml)")
-        out += subs
-    return out
-
-
-def base_profile(run_dir: Path, base: str | None) -> tuple[ProfileSpec, float | None]:
-    """The profile to start from (--base, else the run's cluster GPU preset) and the cluster's link bandwidth."""
-    spec = recorded_cluster(read_meta(run_dir), str(run_dir))
-    prof = load_spec(base, "profile") if base else (spec.profile() if spec else load_spec("cpu", "profile"))
-    bw = spec.intra_node.bw_GBps if spec and spec.intra_node.bw_GBps else None
-    return prof, bw
-
-
 def calibrate(run_dirs: list[str | Path], out: str | Path, base: str | None = None,
               figures: bool = True) -> tuple[ProfileSpec, dict[str, dict[str, Any]]]:
     dirs = expand_dirs([str(d) for d in run_dirs])
@@ -371,7 +347,7 @@ def calibrate(run_dirs: list[str | Path], out: str | Path, base: str | None = No
     per_op, per_step = framework_overhead(over) if not hosts else (0.0, 0.0)
     if hosts:
         host_s, per_step, host_err = fit_host(hosts)
-    profile, fits = fit_profile(samples, prof, [str(d) for d in dirs], bw, per_op, per_event_us, per_step,
+    profile, fits = fit_profile(samples, prof, [shown(d) for d in dirs], bw, per_op, per_event_us, per_step,
                                 datasheet_peaks=bool(hosts))
     if hosts:
         resid = {**profile.residuals, "host.n": float(len(hosts)), "host.step_rms_rel_err": _sig(host_err, 4)}

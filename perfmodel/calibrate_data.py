@@ -23,8 +23,17 @@ from typing import Any
 
 from perfmodel.layout import group_of, rank_groups
 from perfmodel.opgraph import Op, OpGraph
-from perfmodel.specs import ClusterSpec, ModelSpec, PlanSpec, SpecError, load_spec, parse_spec, with_overrides
-from perfmodel.trace_reader import RankTrace, read_run
+from perfmodel.specs import (
+    ClusterSpec,
+    ModelSpec,
+    PlanSpec,
+    ProfileSpec,
+    SpecError,
+    load_spec,
+    parse_spec,
+    with_overrides,
+)
+from perfmodel.trace_reader import RankTrace, read_meta, read_run
 
 
 @dataclass(frozen=True)
@@ -258,3 +267,35 @@ def measured_step_s(meta: dict[str, Any], traces: list[RankTrace]) -> float:
         if s:
             per_rank.append(s[len(s) // 2])
     return max(per_rank) if per_rank else 0.0
+
+
+def expand_dirs(dirs: list[str]) -> list[Path]:
+    """Run directories (rank<k>.json + meta.yaml); a folder of run folders is expanded."""
+    out: list[Path] = []
+    for d in map(Path, dirs):
+        if not d.is_dir():
+            raise SpecError(f"{d}: not a trace directory")
+        if (d / "meta.yaml").is_file():
+            out.append(d)
+            continue
+        subs = sorted(p.parent for p in d.glob("*/meta.yaml")) or sorted(p.parent for p in d.glob("*/*/meta.yaml"))
+        if not subs:
+            raise SpecError(f"{d}: no meta.yaml in it or its sub-folders (expected traces/<run-id>/meta.yaml)")
+        out += subs
+    return out
+
+
+def shown(d: Path) -> str:
+    """A run directory as `calibrated_from` records it: relative to the working directory when inside it."""
+    try:
+        return str(Path(d).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(d)
+
+
+def base_profile(run_dir: Path, base: str | None) -> tuple[ProfileSpec, float | None]:
+    """The profile to start from (--base, else the run's cluster GPU preset) and the cluster's link bandwidth."""
+    spec = recorded_cluster(read_meta(run_dir), str(run_dir))
+    prof = load_spec(base, "profile") if base else (spec.profile() if spec else load_spec("cpu", "profile"))
+    bw = spec.intra_node.bw_GBps if spec and spec.intra_node.bw_GBps else None
+    return prof, bw

@@ -10,7 +10,7 @@ from perfmodel.validate import main_presets, validate_file
 
 EXPECTED = {
     "model": {"deepseek-v3", "megascale-moe-352b", "mixtral-8x7b", "mixtral-8x22b", "qwen3-moe-235b-a22b",
-              "tiny-moe"},
+              "tiny-moe", "moe-1b"},
     "cluster": {"megascale-1440", "h100-dgx-8", "h100-dgx-64", "h100-dgx-1024", "cpu-local-4"},
     "profile": {"h100-sxm", "h800", "h200", "cpu"},
 }
