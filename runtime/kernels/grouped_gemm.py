@@ -76,12 +76,10 @@ if triton_import_error() is None:
         return cfgs
 
     @triton.jit
-    def _gg_fwd_kernel(a_ptr, b_ptr, c_ptr, offs_ptr, sa_ptr, sb_ptr, M, N, K, E,
-                       stride_am, stride_ak, stride_be, stride_bk, stride_bn,
-                       stride_cm, stride_cn, stride_sbe,
-                       HAS_SCALES: tl.constexpr, PRECISION: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                       GROUP_M: tl.constexpr, E_POW2: tl.constexpr, EVEN_K: tl.constexpr):
+    def _expert_tile(offs_ptr, M, N, K, E, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     GROUP_M: tl.constexpr, E_POW2: tl.constexpr):
+        """This program's output tile: (first row, end of its expert's rows, expert, column-tile
+        index, K to loop over). Shared by both forward kernels."""
         pid = tl.program_id(0)
         num_m = tl.cdiv(M, BLOCK_M) + E  # upper bound on row tiles: each expert wastes < 1 tile
         num_n = tl.cdiv(N, BLOCK_N)
@@ -107,6 +105,17 @@ if triton_import_error() is None:
         # Padding tiles run zero K iterations and store nothing (no early return: portable).
         k_end = tl.where(valid, K, 0)
         expert = tl.where(valid, expert, 0)
+        return row_start, row_end, expert, pid_n, k_end
+
+    @triton.jit
+    def _gg_fwd_kernel(a_ptr, b_ptr, c_ptr, offs_ptr, sa_ptr, sb_ptr, M, N, K, E,
+                       stride_am, stride_ak, stride_be, stride_bk, stride_bn,
+                       stride_cm, stride_cn, stride_sbe,
+                       HAS_SCALES: tl.constexpr, PRECISION: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       GROUP_M: tl.constexpr, E_POW2: tl.constexpr, EVEN_K: tl.constexpr):
+        row_start, row_end, expert, pid_n, k_end = _expert_tile(offs_ptr, M, N, K, E, BLOCK_M, BLOCK_N,
+                                                                GROUP_M, E_POW2)
         rows = row_start + tl.arange(0, BLOCK_M)
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < row_end
@@ -177,27 +186,8 @@ if triton_import_error() is None:
         rows are computed and never stored; past M, TMA fills zeros. Needs K % BLOCK_K == 0 (a
         B tile must not cross into the next expert's K rows).
         """
-        pid = tl.program_id(0)
-        num_m = tl.cdiv(M, BLOCK_M) + E
-        num_n = tl.cdiv(N, BLOCK_N)
-        width = GROUP_M * num_n
-        first_m = (pid // width) * GROUP_M
-        group_m = tl.minimum(num_m - first_m, GROUP_M)
-        tile_m = first_m + (pid % width) % group_m
-        pid_n = (pid % width) // group_m
-        eidx = tl.arange(0, E_POW2)
-        e_ok = eidx < E
-        lo = tl.load(offs_ptr + eidx, mask=e_ok, other=0)
-        hi = tl.load(offs_ptr + eidx + 1, mask=e_ok, other=0)
-        n_tiles = (hi - lo + BLOCK_M - 1) // BLOCK_M
-        cum = tl.cumsum(n_tiles, axis=0)
-        valid = tile_m < tl.sum(n_tiles, axis=0)
-        expert = tl.sum((cum <= tile_m).to(tl.int32), axis=0)
-        sel = (eidx == expert) & valid
-        row_start = tl.sum(tl.where(sel, lo + (tile_m - (cum - n_tiles)) * BLOCK_M, 0), axis=0)
-        row_end = tl.sum(tl.where(sel, hi, 0), axis=0)
-        k_end = tl.where(valid, K, 0)
-        expert = tl.where(valid, expert, 0)
+        row_start, row_end, expert, pid_n, k_end = _expert_tile(offs_ptr, M, N, K, E, BLOCK_M, BLOCK_N,
+                                                                GROUP_M, E_POW2)
         a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[K, 1], block_shape=[BLOCK_M, BLOCK_K])
         if B_TRANS:
             b_desc = tl.make_tensor_descriptor(b_ptr, shape=[E * N, K], strides=[K, 1],
