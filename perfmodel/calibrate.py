@@ -344,9 +344,10 @@ def calibrate(run_dirs: list[str | Path], out: str | Path, base: str | None = No
     prof, bw = base_profile(dirs[0], base)
     samples, over, per_event_us = collect(dirs)
     hosts = host_cases(dirs)  # GPU traces: the host runs ahead of the device (perfmodel.calibrate_host)
-    per_op, per_step = framework_overhead(over) if not hosts else (0.0, 0.0)
     if hosts:
-        host_s, per_step, host_err = fit_host(hosts)
+        per_op, (host_s, per_step, host_err) = 0.0, fit_host(hosts)
+    else:
+        per_op, per_step = framework_overhead(over)
     profile, fits = fit_profile(samples, prof, [shown(d) for d in dirs], bw, per_op, per_event_us, per_step,
                                 datasheet_peaks=bool(hosts))
     if hosts:

@@ -45,7 +45,7 @@ def host_cases(run_dirs: list[str | Path]) -> list[HostCase]:
         if not traces or not all(tr.device for tr in traces):
             return []
         model, plan, world = run_specs(meta, str(d))
-        graph = OpGraph(model, plan, world)
+        graph, step_s = OpGraph(model, plan, world), measured_step_s(meta, traces)
         best: HostCase | None = None
         for k, tr in enumerate(traces):
             ops = stage_ops(graph, stage_of(plan, world, k))
@@ -53,7 +53,7 @@ def host_cases(run_dirs: list[str | Path]) -> list[HostCase]:
             comp = [(n, measured.get(ev, 0.0) / n) for ev, (op, n) in ops.items() if op.kind != "comm" and n > 0]
             comm = sum(measured.get(ev, 0.0) for ev, (op, _n) in ops.items() if op.kind == "comm")
             case = HostCase(str(d), np.array([c[0] for c in comp], float), np.array([c[1] for c in comp], float),
-                            comm, measured_step_s(meta, traces))
+                            comm, step_s)
             if best is None or case.predict(0.0) > best.predict(0.0):
                 best = case
         if best is not None and best.step_s > 0:

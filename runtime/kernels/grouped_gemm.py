@@ -277,6 +277,10 @@ def _launch_fwd(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, out: to
     stride_sbe = sb.stride(0) if has_scales else 0
     prec = _precision(a.dtype)
     e_pow2 = max(16, triton.next_power_of_2(e))  # >= 16: tiny aranges trip some backends
+
+    def grid(meta):  # row tiles (each expert wastes < 1) x column tiles, for either kernel
+        return ((triton.cdiv(m, meta["BLOCK_M"]) + e) * triton.cdiv(n, meta["BLOCK_N"]),)
+
     forced = tma is True
     if tma is None:  # measured on an H100 (benchmarks/results/kernels_gpu_*.csv): TMA loads win for
         # 16-bit operands (dgrad +15 %), pointer loads for fp8 (TMA 3 % slower on average)
@@ -290,16 +294,11 @@ def _launch_fwd(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, out: to
         try:
             if use_autotune(a.device):
                 triton.set_allocator(_tma_alloc)
-
-                def tgrid(meta):
-                    return ((triton.cdiv(m, meta["BLOCK_M"]) + e) * triton.cdiv(n, meta["BLOCK_N"]),)
-                _gg_fwd_tma_tuned[tgrid](*targs, B_TRANS=b_trans, HAS_SCALES=has_scales, PRECISION=prec,
-                                         E_POW2=e_pow2)
+                _gg_fwd_tma_tuned[grid](*targs, B_TRANS=b_trans, HAS_SCALES=has_scales, PRECISION=prec,
+                                        E_POW2=e_pow2)
             else:
-                bm, bn, bk = 16, 32, 128
-                _gg_fwd_tma_kernel[((triton.cdiv(m, bm) + e) * triton.cdiv(n, bn),)](
-                    *targs, B_TRANS=b_trans, HAS_SCALES=has_scales, PRECISION=prec,
-                    BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=4, E_POW2=e_pow2)
+                _gg_fwd_tma_kernel[grid](*targs, B_TRANS=b_trans, HAS_SCALES=has_scales, PRECISION=prec,
+                                         BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, GROUP_M=4, E_POW2=e_pow2)
             return out
         except Exception as exc:  # a Triton/driver without working TMA: say so once, use pointer loads
             if forced:
@@ -310,14 +309,10 @@ def _launch_fwd(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, out: to
     args = (a, b, out, offsets, sa_, sb_, m, n, k, e, a.stride(0), a.stride(1), *b_strides,
             out.stride(0), out.stride(1), stride_sbe)
     if use_autotune(a.device):
-        def grid(meta):
-            return ((triton.cdiv(m, meta["BLOCK_M"]) + e) * triton.cdiv(n, meta["BLOCK_N"]),)
         _gg_fwd_tuned[grid](*args, HAS_SCALES=has_scales, PRECISION=prec, E_POW2=e_pow2)
-    else:
-        bm, bn, bk = 16, 32, 32  # small tiles keep the interpreter fast and exercise ragged edges
-        grid = ((triton.cdiv(m, bm) + e) * triton.cdiv(n, bn),)
+    else:  # small tiles keep the interpreter fast and exercise ragged edges
         _gg_fwd_kernel[grid](*args, HAS_SCALES=has_scales, PRECISION=prec,
-                             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=4, E_POW2=e_pow2, EVEN_K=k % bk == 0)
+                             BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, E_POW2=e_pow2, EVEN_K=k % 32 == 0)
     return out
 
 
