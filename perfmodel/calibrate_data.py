@@ -131,10 +131,10 @@ def stage_ops(graph: OpGraph, stage: int) -> dict[str, tuple[Op, float]]:
         if n:
             for op in layer.ops:
                 add(op, n * mb)
-    if stage == 0:
+    if graph.holds_embedding(stage):
         for op in graph.embed_ops:
             add(op, mb)
-    if stage == L.pp - 1:
+    if graph.holds_head(stage):
         for op in graph.head_ops:
             add(op, mb)
     for op in graph.grad_sync_ops(stage):

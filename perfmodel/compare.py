@@ -35,7 +35,7 @@ from perfmodel.calibrate_data import measured_step_s, on_world, stage_ops
 from perfmodel.compare_out import kendall_tau, write_outputs
 from perfmodel.layout import plan_layout
 from perfmodel.opgraph import OpGraph
-from perfmodel.specs import ClusterSpec, ModelSpec, NamedPlan, SpecError, StudySpec, load_spec
+from perfmodel.specs import ClusterSpec, ModelSpec, NamedPlan, PlanSpec, SpecError, StudySpec, load_spec
 from perfmodel.trace_reader import RankTrace, read_meta, read_run
 
 REPO = Path(__file__).resolve().parent.parent
@@ -81,10 +81,17 @@ def repeat_dirs(root: Path, plan: str, repeats: int) -> list[Path]:
     return [root / plan] + [root / f"{plan}.r{k}" for k in range(2, repeats + 1)]
 
 
+_DEFAULTS = {**PlanSpec().model_dump(mode="json"), "name": None}
+
+
 def _differences(recorded: Any, expected: dict[str, Any]) -> list[str]:
     if not isinstance(recorded, dict):
         return ["(not recorded)"]
-    return sorted(k for k in set(recorded) | set(expected) if k != "calibrate" and recorded.get(k) != expected.get(k))
+    # a field added after the traces were recorded reads as its default (a trace predating
+    # `precision` was recorded in bf16, the default)
+    return sorted(k for k in set(recorded) | set(expected)
+                  if k != "calibrate" and k in recorded and recorded.get(k) != expected.get(k)
+                  or k not in recorded and expected.get(k) != _DEFAULTS.get(k, object()))
 
 
 def check_recorded(run_dir: Path, model: ModelSpec, plan: NamedPlan, world: int) -> None:

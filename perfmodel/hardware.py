@@ -1,7 +1,7 @@
 """Compute-op timing from a hardware profile (ProfileSpec).
 
   gemm       FLOPs / (peak[dtype] x efficiency(FLOPs)), floored by its HBM traffic
-             (grouped GEMMs use the grouped curve; fp8 GEMMs the fp8 peak)
+             (grouped GEMMs use the grouped curve; fp8 GEMMs the fp8 peak and the fp8 curves)
   attention  FLOPs / (peak_bf16 x attention efficiency(FLOPs)), floored by HBM traffic
   memory     bytes / (HBM bandwidth x memory efficiency(bytes))
   + one kernel launch overhead per op; and never less than the host's time to issue the op
@@ -68,8 +68,7 @@ class Hardware:
         flops = op.flops * frac
         work = flops if efficiency_work is None else efficiency_work
         if op.kind == "gemm":
-            grouped = op.shape is not None and op.shape[0] > 1 and p.grouped_gemm_efficiency is not None
-            curve = p.grouped_gemm_efficiency if grouped else p.gemm_efficiency
+            curve = self.gemm_curve(op)
         elif op.kind == "attention":
             curve = p.attention_efficiency
         else:
@@ -78,6 +77,16 @@ class Hardware:
         dtype = op.dtype if op.kind == "gemm" else "bf16"
         t_math = flops / (self.peak_flops(dtype) * eff) if flops > 0 else 0.0
         return max(t_math, self.memory_s(nbytes)) + over
+
+    def gemm_curve(self, op: Op):
+        """The efficiency curve of a GEMM: grouped or not, FP8 or 16-bit (FP8 falls back to 16-bit)."""
+        p = self.profile
+        grouped = op.shape is not None and op.shape[0] > 1 and p.grouped_gemm_efficiency is not None
+        if op.dtype == "fp8":
+            fp8 = p.fp8_grouped_gemm_efficiency if grouped else p.fp8_gemm_efficiency
+            if fp8 is not None:
+                return fp8
+        return p.grouped_gemm_efficiency if grouped else p.gemm_efficiency
 
     def peak_bf16_flops(self) -> float:
         return self.peak_flops("bf16")

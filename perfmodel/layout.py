@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
+from perfmodel import pplayout
 from perfmodel.specs import ModelSpec, PlanSpec, SpecError
 
 MAX_SCHEDULE_CHUNKS = 1 << 16  # micro-batches x pp x vpp: far beyond real plans, bounded so no input hangs
@@ -32,7 +33,8 @@ class Layout:
     edp: int
     micro_batch: int
     microbatches: int  # per iteration per data-parallel replica
-    layers_per_stage: int
+    layers_per_stage: int  # on the pipeline rank holding the most (uneven layouts)
+    stages: pplayout.StageLayout  # the layers of every virtual stage and the rank it runs on
 
     @property
     def mp(self) -> int:
@@ -54,8 +56,6 @@ def plan_layout(plan: PlanSpec, model: ModelSpec, world: int) -> Layout:
          f"plan.tp: {tp} and model.kv_heads={model.kv_heads} must divide one another"),
         (model.seq_len % (tp * sp) == 0, f"plan.tp*sp: {tp * sp} does not divide model.seq_len={model.seq_len}"),
         (model.hidden % tp == 0, f"plan.tp: {tp} does not divide model.hidden={model.hidden}"),
-        (model.layers % (pp * plan.vpp) == 0,
-         f"plan.pp*vpp: {pp * plan.vpp} does not divide model.layers={model.layers}"),
         ((dp * tp * sp) % (ep * etp) == 0,
          f"plan.ep*etp: {ep * etp} does not divide the ranks of a pipeline stage (dp*tp*sp={dp * tp * sp})"),
         (plan.global_batch % (plan.micro_batch * dp) == 0,
@@ -79,9 +79,15 @@ def plan_layout(plan: PlanSpec, model: ModelSpec, world: int) -> Layout:
                         f"is more than {MAX_SCHEDULE_CHUNKS} scheduled chunks per step; raise micro_batch")
     if plan.schedule == "interleaved" and pp > 1 and microbatches % pp:
         raise SpecError(f"plan.schedule: interleaved needs microbatches ({microbatches}) to be a multiple of pp={pp}")
+    if plan.schedule == "dualpipev" and microbatches < 2 * pp:
+        raise SpecError(f"plan.schedule: dualpipev needs at least 2*pp={2 * pp} micro-batches per replica, "
+                        f"got {microbatches}; raise global_batch or lower micro_batch")
+    if plan.vpp > 1 and pp == 1:
+        raise SpecError(f"plan.vpp: {plan.vpp} needs pp>1 (virtual stages split pipeline stages)")
+    stages = pplayout.resolve(model.layers, plan)  # SpecError for a layout that misses or repeats a layer
     return Layout(world=world, tp=tp, sp=sp, dp=dp, pp=pp, vpp=plan.vpp, ep=ep, etp=etp,
                   edp=dp * tp * sp // (ep * etp), micro_batch=plan.micro_batch,
-                  microbatches=microbatches, layers_per_stage=model.layers // pp)
+                  microbatches=microbatches, layers_per_stage=stages.max_layers_per_rank, stages=stages)
 
 
 def _coords(rank: int, order: tuple[str, ...], sizes: dict[str, int]) -> dict[str, int]:

@@ -23,7 +23,13 @@ logits). Conventions (Megatron-Core mixed precision, Adam):
   - full: only each layer's input (2nh bytes) is stored, plus one layer's full working set
     while it is recomputed.
   In-flight microbatches on stage s: min(pp - s, microbatches) for 1F1B; interleaved
-  multiplies by 1 + (pp-1)/(pp*vpp) (Narayanan et al., arXiv 2104.04473). The last stage
+  multiplies by 1 + (pp-1)/(pp*vpp) (Narayanan et al., arXiv 2104.04473); ZB-V holds pp on
+  every rank (Qi et al., arXiv 2401.10241: peak p*M_B), DualPipeV pp + 1/2 (DeepSeek-V3
+  Table 2: PP+1 chunks of half a stage). Each rank counts the layers its layout gives it
+  (perfmodel.pplayout; uneven stages), so every stage is estimated and the worst reported.
+* precision fp8: the FP8-GEMM weights also have an FP8 copy and a transposed FP8 copy (+2
+  bytes/param); the inputs those GEMMs save for wgrad are kept in FP8 (1 byte, + a 4-byte
+  scale per 128 values for blockwise). The last stage
   adds the logits (bf16) and their fp32 softmax for the loss, one microbatch.
 * buffers: one MoE layer's all-to-all send+recv buffers for dispatch and combine (1 byte +
   a 4-byte scale per 128 values for fp8, 2 bytes for bf16) and the SP all-to-all buffers;
@@ -34,6 +40,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from perfmodel import pplayout
 from perfmodel.layout import Layout, plan_layout
 from perfmodel.specs import ModelSpec, PlanSpec, ProfileSpec
 
@@ -70,14 +77,35 @@ def _moe_upto(model: ModelSpec, n: int) -> int:
 
 
 def stage_layers(model: ModelSpec, plan: PlanSpec, stage: int) -> tuple[int, int]:
-    """(MoE layers, dense layers) held by a pipeline stage (its vpp chunks when interleaved)."""
-    chunks = plan.pp * plan.vpp
-    per = model.layers // chunks
+    """(MoE layers, dense layers) held by a pipeline rank (all its virtual stages; perfmodel.pplayout)."""
+    layout = pplayout.resolve(model.layers, plan)
     moe = total = 0
-    for c in range(stage, chunks, plan.pp):
-        moe += _moe_upto(model, (c + 1) * per) - _moe_upto(model, c * per)
-        total += per
+    for v in layout.stages_of(stage):
+        lo, hi = layout.ranges[v]
+        moe += _moe_upto(model, hi) - _moe_upto(model, lo)
+        total += hi - lo
     return moe, total - moe
+
+
+def _ends(model: ModelSpec, plan: PlanSpec, stage: int) -> tuple[bool, bool]:
+    """(holds the embedding, holds the head and loss): virtual stages 0 and n-1 (both on rank 0 in a V)."""
+    layout = pplayout.resolve(model.layers, plan)
+    return layout.rank_of(0) == stage, layout.rank_of(layout.n_stages - 1) == stage
+
+
+def fp8_gemm_params(model: ModelSpec, plan: PlanSpec, stage: int) -> float:
+    """Weights of the FP8 GEMMs on one rank (attention projections, FFNs, experts): under precision
+    fp8 each also has an FP8 copy and a transposed FP8 copy (Transformer Engine keeps both)."""
+    if plan.precision != "fp8":
+        return 0.0
+    n_moe, n_dense = stage_layers(model, plan, stage)
+    h, tp = model.hidden, plan.tp
+    attn = (model.attn_in_params + model.attn_out_params) / tp
+    dense = n_dense * (attn + 3 * h * (model.dense_ffn_hidden or 0) / tp)
+    moe = n_moe * (attn + 3 * h * model.shared_ffn_hidden / tp)
+    if model.moe:
+        moe += n_moe * (model.moe.experts / plan.ep) * model.expert_params / plan.etp
+    return dense + moe
 
 
 # ----------------------------------------------------------------------------- params
@@ -93,9 +121,10 @@ def stage_params(model: ModelSpec, plan: PlanSpec, stage: int) -> tuple[float, f
         dense += n_moe * moe_rest
         expert = n_moe * (model.moe.experts / plan.ep) * model.expert_params / plan.etp
     emb = model.vocab * h / tp
-    if stage == 0:
+    first, last = _ends(model, plan, stage)
+    if first:
         dense += emb
-    if stage == plan.pp - 1:
+    if last:
         dense += h  # final norm
         if not model.tie_embeddings or plan.pp > 1:
             dense += emb  # output layer (a tied copy lives on the last stage when pp > 1)
@@ -113,15 +142,25 @@ def _attn_widths(model: ModelSpec, lay: Layout) -> tuple[int, int, int, int]:
     return (model.heads * model.qk_head_dim, kvh * model.qk_head_dim, kvh * model.v_head_dim, model.q_dim)
 
 
-def layer_activation_bytes(model: ModelSpec, lay: Layout, moe_layer: bool, recompute: str) -> float:
-    """Bytes one layer stores for one microbatch on one rank (before pipeline in-flight factors)."""
+def fp8_saved_bytes(plan: PlanSpec) -> float:
+    """Bytes per element of a saved FP8-GEMM input: FP8 under precision fp8 (the wgrad reads the FP8
+    copy; blockwise adds one fp32 scale per 1x128 tile), else bf16."""
+    if plan.precision != "fp8":
+        return BF16
+    return 1 + (FP32 / 128 if plan.fp8_recipe == "blockwise" else 0.0)
+
+
+def layer_activation_bytes(model: ModelSpec, lay: Layout, moe_layer: bool, recompute: str,
+                           gemm_in: float = BF16) -> float:
+    """Bytes one layer stores for one microbatch on one rank (before pipeline in-flight factors).
+    `gemm_in`: bytes per element of the saved inputs of FP8-capable GEMMs (fp8_saved_bytes)."""
     n, h = _tokens(model, lay), model.hidden
     if recompute == "full":
         return BF16 * n * h
     sel = recompute == "selective"
     q, k, v, o = _attn_widths(model, lay)
-    # attention: norm input, [norm output], q k v, output (proj input), fp32 softmax stats
-    b = BF16 * n * (h + (0 if sel else h) + q + k + v + o) + FP32 * n * model.heads
+    # attention: norm input, [norm output = qkv input], q k v, output (proj input), fp32 softmax stats
+    b = BF16 * n * (h + q + k + v) + gemm_in * n * ((0 if sel else h) + o) + FP32 * n * model.heads
     if model.mla:
         m = model.mla
         b += BF16 * n * (m.q_lora_rank + m.kv_lora_rank + m.qk_rope_head_dim)  # latent up-proj inputs
@@ -131,28 +170,38 @@ def layer_activation_bytes(model: ModelSpec, lay: Layout, moe_layer: bool, recom
         te = n * moe.top_k * moe.routing_skew * lay.etp
         f = moe.expert_ffn_hidden / lay.etp
         b += FP32 * n * moe.experts  # router logits/probs
-        b += BF16 * te * (h + 2 * f + (0 if sel else f))  # fc1 input, fc1 out (gate, up), [act out]
+        b += gemm_in * te * (h + (0 if sel else f)) + BF16 * te * 2 * f  # fc1 input, [act out]; fc1 out
         b += BF16 * n * moe.top_k * h  # expert outputs back home, read by unpermute's backward
         fs = model.shared_ffn_hidden
     else:
         fs = model.dense_ffn_hidden or 0
     if fs:
-        b += BF16 * n * (2 * fs + (0 if sel else fs))  # fc1 out (gate, up), [act out]; input = norm out
+        b += BF16 * n * 2 * fs + gemm_in * n * (0 if sel else fs)  # fc1 out (gate, up), [act out]; input = norm out
     return b
+
+
+def in_flight(plan: PlanSpec, stage: int, microbatches: int) -> float:
+    """Micro-batches' worth of a rank's layers whose activations are held at the peak."""
+    if plan.schedule == "zero-bubble":  # ZB-V: pp micro-batches on every rank (Qi et al.: peak p*M_B)
+        return float(min(plan.pp, microbatches))
+    if plan.schedule == "dualpipev":  # DeepSeek-V3 Table 2: PP+1 chunks of half a stage = pp + 1/2
+        return min(plan.pp + 0.5, float(microbatches))
+    out = float(min(plan.pp - stage, microbatches))
+    if plan.schedule == "interleaved" and plan.pp > 1:
+        out *= 1 + (plan.pp - 1) / (plan.pp * plan.vpp)
+    return out
 
 
 def stage_activation_bytes(model: ModelSpec, plan: PlanSpec, lay: Layout, stage: int) -> float:
     n_moe, n_dense = stage_layers(model, plan, stage)
-    per_mb = (n_moe * layer_activation_bytes(model, lay, True, plan.recompute)
-              + n_dense * layer_activation_bytes(model, lay, False, plan.recompute))
-    in_flight = float(min(plan.pp - stage, lay.microbatches))
-    if plan.schedule == "interleaved" and plan.pp > 1:
-        in_flight *= 1 + (plan.pp - 1) / (plan.pp * plan.vpp)
-    total = per_mb * in_flight
+    g = fp8_saved_bytes(plan)
+    per_mb = (n_moe * layer_activation_bytes(model, lay, True, plan.recompute, g)
+              + n_dense * layer_activation_bytes(model, lay, False, plan.recompute, g))
+    total = per_mb * in_flight(plan, stage, lay.microbatches)
     if plan.recompute == "full":  # one layer's working set while it is recomputed
         kinds = [k for k, c in ((True, n_moe), (False, n_dense)) if c]
         total += max((layer_activation_bytes(model, lay, k, "none") for k in kinds), default=0.0)
-    if stage == plan.pp - 1:  # bf16 logits + fp32 softmax for the loss, vocab-parallel
+    if _ends(model, plan, stage)[1]:  # bf16 logits + fp32 softmax for the loss, vocab-parallel
         total += (BF16 + FP32) * _tokens(model, lay) * model.vocab
     return total
 
@@ -185,7 +234,7 @@ def _estimate_stage(model: ModelSpec, plan: PlanSpec, lay: Layout, profile: Prof
     else:
         opt = ADAM_BYTES * (dense + expert)
     parts = [
-        BF16 * (dense + expert) / GiB,
+        (BF16 * (dense + expert) + 2 * fp8_gemm_params(model, plan, stage)) / GiB,
         grad_bytes * (dense + expert) / GiB,
         opt / GiB,
         stage_activation_bytes(model, plan, lay, stage) / GiB,
@@ -205,7 +254,4 @@ def estimate_stages(model: ModelSpec, plan: PlanSpec, world: int, profile: Profi
 
 def estimate_memory(model: ModelSpec, plan: PlanSpec, world: int, profile: ProfileSpec) -> MemoryEstimate:
     """Per-GPU memory of the stage that needs the most; `fits`/`short_GiB` against the profile."""
-    lay = plan_layout(plan, model, world)
-    stages = {0, plan.pp - 1}  # the first stage has the most in flight, the last the logits
-    return max((_estimate_stage(model, plan, lay, profile, s) for s in sorted(stages)),
-               key=lambda e: e.total_GiB)
+    return max(estimate_stages(model, plan, world, profile), key=lambda e: e.total_GiB)

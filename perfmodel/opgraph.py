@@ -22,6 +22,21 @@ from perfmodel.specs import ModelSpec, PlanSpec
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1, "int64": 8}
 ACT = "bf16"  # activations and weights are bf16 in every plan (mixed precision)
 FP8_SCALE_BYTES_PER_TOKEN = 4  # one fp32 scale per token (per-token e4m3 quantization)
+FP8_BLOCK = 128  # blockwise recipe: 1x128 activation tiles, 128x128 weight blocks (DeepSeek-V3)
+# precision: fp8 runs these GEMMs in FP8 (fwd, dgrad, wgrad), as Transformer Engine does; the attention
+# core, router, embedding and output head stay 16-bit. Each gets a `<gemm>_quant` op before it.
+FP8_GEMMS = ("attn.qkv", "attn.proj", "moe.fc1", "moe.fc2", "moe.shared", "ffn.fc1", "ffn.fc2")
+
+
+def fp8_cast_bytes(rows: float, cols: float, recipe: str) -> float:
+    """HBM bytes to cast a 16-bit [rows, cols] tensor to FP8 plus the transposed FP8 copy the other
+    backward GEMM reads (Transformer Engine's cast-transpose). Tensorwise (current scaling) first
+    reads the tensor for its amax, then reads it again to cast; blockwise computes each 1x128
+    tile's scale in the pass that casts it and writes one fp32 scale per tile (and per transposed tile)."""
+    n = rows * cols
+    if recipe == "blockwise":
+        return n * (BYTES[ACT] + 2 * (1 + BYTES["fp32"] / FP8_BLOCK))
+    return n * (2 * BYTES[ACT] + 2)
 
 
 @dataclass(frozen=True)
@@ -39,7 +54,8 @@ class Op:
     group_size: int = 1
     imbalance: float = 1.0  # comm: hottest rank's traffic / mean (routing skew); `bytes` is the mean rank's
     branch: str = "main"  # ops on another branch may run concurrently with "main"
-    bwd_bytes: float | None = None  # comm: payload of the backward collective (gradients, bf16)
+    # comm: payload of the backward collective (gradients, bf16); FP8 casts: bytes of the gradient's cast
+    bwd_bytes: float | None = None
 
     @property
     def event(self) -> str:
@@ -131,8 +147,10 @@ def _backward(fwd: list[Op], recompute: str) -> list[Op]:
                              "dtype": ACT, "bytes": op.bwd_bytes}))
             continue
         scale = 2.5 if op.kind == "attention" else 1.0  # flash-attention backward does 5 of 2 matmuls
+        # an FP8 cast's backward casts the output gradient (bwd_bytes); other ops scale their forward
+        nbytes = op.bwd_bytes if op.kind == "memory" and op.bwd_bytes is not None else op.bytes * scale
         out.append(Op(**{**op.__dict__, "phase": "dgrad", "deps": deps, "flops": op.flops * scale,
-                         "bytes": op.bytes * scale}))
+                         "bytes": nbytes}))
         if op.kind == "gemm":
             out.append(Op(**{**op.__dict__, "phase": "wgrad", "deps": deps}))
     return out
@@ -143,6 +161,7 @@ class LayerGraph:
     kind: str  # moe | dense
     ops: tuple[Op, ...]
     params: dict[str, float]  # local parameters per sync group kind ("dp_sp", "edp")
+    fp8_params: float = 0.0  # local weights of the FP8 GEMMs (precision fp8; copied to FP8 once per step)
 
     def phase(self, *phases: str) -> list[Op]:
         return [op for op in self.ops if op.phase in phases]
@@ -159,6 +178,35 @@ class OpGraph:
         self.t_attn = plan.micro_batch * model.seq_len / L.sp
 
     # ------------------------------------------------------------------ layers
+    # ------------------------------------------------------------------ FP8
+    @property
+    def fp8(self) -> bool:
+        return self.plan.precision == "fp8"
+
+    def _gemm(self, b: _Builder, name: str, m: float, n: float, k: float, groups: int = 1,
+              after: tuple[str, ...] | None = None, branch: str = "main", quantized_input: bool = False) -> str:
+        """A linear layer's GEMM; under precision fp8 an FP8 GEMM preceded by the cast of its input
+        (`<name>_quant`: amax/scale, quantize, transposed copy; its dgrad casts the output gradient).
+        `quantized_input`: the input arrives already in FP8 (dispatched quantized): only the
+        transposed copy for wgrad is made."""
+        if not (self.fp8 and name in FP8_GEMMS):
+            op = gemm(name, m, n, k, groups)
+            return b.add(Op(**{**op.__dict__, "branch": branch}), after=after)
+        recipe = self.plan.fp8_recipe
+        fwd = 2.0 * m * k if quantized_input else fp8_cast_bytes(m, k, recipe)
+        q = Op(f"{name}_quant", "fwd", "memory", bytes=fwd, branch=branch, bwd_bytes=fp8_cast_bytes(m, n, recipe))
+        cast = b.add(q, after=after)
+        op = gemm(name, m, n, k, groups, dtype="fp8")
+        return b.add(Op(**{**op.__dict__, "branch": branch}), after=(cast,))
+
+    def fp8_weight_cast_ops(self, stage: int) -> tuple[Op, ...]:
+        """Once per step, after the optimizer: the FP8 copies (and transposes) of a rank's FP8-GEMM weights."""
+        if not self.fp8:
+            return ()
+        n = sum(self.layers[k].fp8_params for k in self.stage_layer_kinds(stage))
+        return (Op("optim.fp8_cast", "fwd", "memory", bytes=fp8_cast_bytes(n, 1, self.plan.fp8_recipe),
+                   dtype="fp8"),)
+
     @cached_property
     def layers(self) -> dict[str, LayerGraph]:
         out = {}
@@ -168,9 +216,22 @@ class OpGraph:
             out["dense"] = self._layer(moe=False)
         return out
 
+    def _kind(self, i: int) -> str:
+        return "moe" if self.model.is_moe_layer(i) else "dense"
+
+    def vstage_layer_kinds(self, v: int) -> list[str]:
+        """Layer kinds of virtual stage v (pipeline order; perfmodel.pplayout)."""
+        return [self._kind(i) for i in range(*self.layout.stages.ranges[v])]
+
     def stage_layer_kinds(self, stage: int) -> list[str]:
-        n = self.layout.layers_per_stage
-        return ["moe" if self.model.is_moe_layer(i) else "dense" for i in range(stage * n, (stage + 1) * n)]
+        """Layer kinds held by pipeline rank `stage` (all its virtual stages)."""
+        return [self._kind(i) for i in self.layout.stages.layers_of(stage)]
+
+    def holds_embedding(self, stage: int) -> bool:
+        return self.layout.stages.rank_of(0) == stage
+
+    def holds_head(self, stage: int) -> bool:
+        return self.layout.stages.rank_of(self.layout.stages.n_stages - 1) == stage
 
     def _attention(self, b: _Builder) -> None:
         m, L = self.model, self.layout
@@ -178,7 +239,7 @@ class OpGraph:
         b.add(mem("attn.norm", self.t_seq * h * a * 3))  # read x, write y, residual read
         if L.tp > 1:
             b.add(comm("attn.tp_ag", "all_gather", "tp", L.tp, self.t_attn * h * a))
-        b.add(gemm("attn.qkv", self.t_attn, m.attn_in_params / h / L.tp, h))
+        self._gemm(b, "attn.qkv", self.t_attn, m.attn_in_params / h / L.tp, h)
         heads_local = m.heads / (L.tp * L.sp)
         kv_heads_tp = max(m.kv_heads / L.tp, 1)
         kv_sent = max(kv_heads_tp, L.sp)  # GQA: kv heads are replicated when fewer than sp ranks
@@ -192,7 +253,7 @@ class OpGraph:
         b.add(Op("attn.core", "fwd", "attention", flops=core_flops, bytes=core_bytes))
         if L.sp > 1:
             b.add(comm("attn.sp_a2a_out", "all_to_all", "sp", L.sp, self.t_attn * m.q_dim / L.tp * a))
-        b.add(gemm("attn.proj", self.t_attn, h, m.q_dim / L.tp))
+        self._gemm(b, "attn.proj", self.t_attn, h, m.q_dim / L.tp)
         if L.tp > 1:
             b.add(comm("attn.tp_rs", "reduce_scatter", "tp", L.tp, self.t_attn * h * a))
 
@@ -224,16 +285,19 @@ class OpGraph:
             d = p.compression.dispatch
             if d == "fp8":
                 b.add(mem("moe.dispatch_quant", t_route * h * (a + 1)))
-            payload = t_route * (h * BYTES[d] + (FP8_SCALE_BYTES_PER_TOKEN if d == "fp8" else 0))
+            payload = t_route * (h * BYTES[d] + (self._scale_bytes_per_token if d == "fp8" else 0))
             b.add(comm("moe.dispatch_a2a", "all_to_all", "ep", L.ep, payload, d, skew, t_route * h * a))
-            if d == "fp8":
+            if d == "fp8" and not self.fp8:
                 b.add(mem("moe.dispatch_dequant", t_route * skew * h * (a + 1)))
         if L.etp > 1:
             b.add(comm("moe.etp_ag", "all_gather", "etp", L.etp, t_exp * h * a))
         groups = moe.experts // L.ep
-        b.add(gemm("moe.fc1", t_exp, 2 * f, h, groups))
+        # FP8 dispatch under precision fp8 sends the activations already quantized for the expert
+        # GEMM (DeepSeek-V3): no dequantize after the all-to-all, no second cast before fc1
+        pre_quantized = self.fp8 and L.ep > 1 and L.etp == 1 and p.compression.dispatch == "fp8"
+        self._gemm(b, "moe.fc1", t_exp, 2 * f, h, groups, quantized_input=pre_quantized)
         b.add(mem("moe.act", t_exp * 3 * f * a))
-        fc2 = b.add(gemm("moe.fc2", t_exp, h, f, groups))
+        fc2 = self._gemm(b, "moe.fc2", t_exp, h, f, groups)
         if L.etp > 1:
             b.add(comm("moe.etp_rs", "reduce_scatter", "etp", L.etp, t_exp * h * a))
         if L.ep > 1:
@@ -241,7 +305,7 @@ class OpGraph:
             if c == "fp8":
                 b.add(mem("moe.combine_quant", t_route * skew * h * (a + 1)))
             # mean rank's payload, like dispatch; the hottest rank's extra is `imbalance` (skew)
-            payload = t_route * (h * BYTES[c] + (FP8_SCALE_BYTES_PER_TOKEN if c == "fp8" else 0))
+            payload = t_route * (h * BYTES[c] + (self._scale_bytes_per_token if c == "fp8" else 0))
             b.add(comm("moe.combine_a2a", "all_to_all", "ep", L.ep, payload, c, skew, t_route * skew * h * a))
             if c == "fp8":
                 b.add(mem("moe.combine_dequant", t_route * h * (a + 1)))
@@ -249,9 +313,16 @@ class OpGraph:
         if m.shared_ffn_hidden:
             # the shared expert only needs the normed tokens; the runtime (runtime/moe.py) runs it once
             # the experts are done, under the combine all-to-all (and its gradient in backward)
-            shared = gemm("moe.shared", self.t_seq, 3 * m.shared_ffn_hidden, h)
-            joins.append(b.add(Op(**{**shared.__dict__, "branch": "shared"}), after=(fc2,)))
+            joins.append(self._gemm(b, "moe.shared", self.t_seq, 3 * m.shared_ffn_hidden, h, after=(fc2,),
+                                    branch="shared"))
         b.add(mem("moe.unpermute", t_route * h * a * 2 + self.t_seq * h * a * 2), after=tuple(joins))
+
+    @property
+    def _scale_bytes_per_token(self) -> float:
+        """fp32 scales sent with an FP8 token: one per token, or one per 1x128 tile (blockwise)."""
+        if self.fp8 and self.plan.fp8_recipe == "blockwise":
+            return -(-self.model.hidden // FP8_BLOCK) * BYTES["fp32"]
+        return FP8_SCALE_BYTES_PER_TOKEN
 
     def _dense_ffn(self, b: _Builder) -> None:
         m, L = self.model, self.layout
@@ -260,9 +331,9 @@ class OpGraph:
         b.add(mem("ffn.norm", self.t_seq * h * a * 3))
         if L.tp > 1:
             b.add(comm("ffn.tp_ag", "all_gather", "tp", L.tp, self.t_attn * h * a))
-        b.add(gemm("ffn.fc1", self.t_attn, 2 * f, h))
+        self._gemm(b, "ffn.fc1", self.t_attn, 2 * f, h)
         b.add(mem("ffn.act", self.t_attn * 3 * f * a))
-        b.add(gemm("ffn.fc2", self.t_attn, h, f))
+        self._gemm(b, "ffn.fc2", self.t_attn, h, f)
         if L.tp > 1:
             b.add(comm("ffn.tp_rs", "reduce_scatter", "tp", L.tp, self.t_attn * h * a))
 
@@ -281,7 +352,11 @@ class OpGraph:
             dense_local += 3 * m.hidden * (m.dense_ffn_hidden or 0) / L.tp
         ops = tuple(b.fwd) + tuple(_backward(b.fwd, self.plan.recompute))
         params = {"dp_sp": dense_local, **({"edp": expert_local} if moe else {})}
-        return LayerGraph("moe" if moe else "dense", ops, params)
+        fp8_params = 0.0
+        if self.fp8:
+            ffn = 3 * m.hidden * (m.shared_ffn_hidden if moe else (m.dense_ffn_hidden or 0)) / L.tp
+            fp8_params = (m.attn_in_params + m.attn_out_params) / L.tp + ffn + expert_local
+        return LayerGraph("moe" if moe else "dense", ops, params, fp8_params)
 
     # ---------------------------------------------------------- stage extras
     @cached_property
@@ -310,9 +385,9 @@ class OpGraph:
             for g, n in self.layers[kind].params.items():
                 out[g] += n
         emb = self.model.vocab * self.model.hidden / self.layout.tp
-        if stage == 0:
+        if self.holds_embedding(stage):
             out["dp_sp"] += emb
-        if stage == self.layout.pp - 1 and not (self.model.tie_embeddings and self.layout.pp == 1):
+        if self.holds_head(stage) and not (self.model.tie_embeddings and self.layout.pp == 1):
             out["dp_sp"] += emb + self.model.hidden
         return out
 
@@ -346,13 +421,9 @@ class OpGraph:
     def model_flops_per_iteration(self) -> float:
         """Useful FLOPs of one iteration (GEMM + attention, fwd + bwd, no recomputation), all ranks."""
         L = self.layout
-        total = 0.0
-        for stage in range(L.pp):
-            per_mb = sum(self.layer_flops(kind) for kind in self.stage_layer_kinds(stage))
-            if stage == L.pp - 1:
-                per_mb += sum(op.flops for op in self.head_ops if op.phase != "recompute")
-            total += per_mb * L.microbatches * L.dp * L.tp * L.sp
-        return total
+        per_mb = sum(self.layer_flops(self._kind(i)) for i in range(self.model.layers))
+        per_mb += sum(op.flops for op in self.head_ops if op.phase != "recompute")
+        return per_mb * L.microbatches * L.dp * L.tp * L.sp
 
     def layer_flops(self, kind: str) -> float:
         """FLOPs of one layer per rank per micro-batch (mean routing: skew removed)."""

@@ -14,6 +14,10 @@ OP_NAMES: tuple[str, ...] = (
     "head.norm", "head.proj", "head.loss",
     # FP8 compression around the token all-to-alls (quantize before sending, dequantize after)
     "moe.dispatch_quant", "moe.dispatch_dequant", "moe.combine_quant", "moe.combine_dequant",
+    # precision: fp8 -- the cast of each FP8 GEMM's input (fwd: amax/scale, quantize, transposed copy;
+    # dgrad: the same for its output gradient) and the per-step FP8 copies of the weights
+    "attn.qkv_quant", "attn.proj_quant", "moe.fc1_quant", "moe.fc2_quant", "moe.shared_quant",
+    "ffn.fc1_quant", "ffn.fc2_quant", "optim.fp8_cast",
     "dp.grad_sync", "dp.param_gather", "pp.send", "pp.recv", "optim.step",
 )
 PHASES: tuple[str, ...] = ("fwd", "dgrad", "wgrad", "recompute")

@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from perfmodel.hardware import Hardware
 from perfmodel.layout import plan_layout
 from perfmodel.opgraph import OpGraph
 from perfmodel.search_space import enumerate_space, plan_name, space_size  # noqa: F401 (re-exported)
@@ -118,11 +119,7 @@ def _op_seconds(op: Any, prof: ProfileSpec) -> float:
     if op.kind not in ("gemm", "attention") or op.flops <= 0:
         return 0.0
     peak = max(prof.peak_tflops.get("bf16", 0.0), prof.peak_tflops.get(op.dtype, 0.0)) * 1e12
-    if op.kind == "attention":
-        curve = prof.attention_efficiency
-    else:
-        grouped = op.shape is not None and op.shape[0] > 1 and prof.grouped_gemm_efficiency is not None
-        curve = prof.grouped_gemm_efficiency if grouped else prof.gemm_efficiency
+    curve = prof.attention_efficiency if op.kind == "attention" else Hardware.of(prof).gemm_curve(op)
     return op.flops / (peak * max(curve.at(op.flops), 1e-9))
 
 
@@ -134,11 +131,10 @@ def lower_bound_s(model: ModelSpec, plan: PlanSpec, world: int, prof: ProfileSpe
     per_kind = {k: sum(_op_seconds(op, prof) for op in lg.ops) for k, lg in g.layers.items()}
     head = sum(_op_seconds(op, prof) for op in g.head_ops)
     embed = sum(_op_seconds(op, prof) for op in g.embed_ops)
-    last = g.layout.pp - 1
     worst = 0.0
     for stage in range(g.layout.pp):
         t = sum(per_kind[k] for k in g.stage_layer_kinds(stage))
-        t += (head if stage == last else 0.0) + (embed if stage == 0 else 0.0)
+        t += (head if g.holds_head(stage) else 0.0) + (embed if g.holds_embedding(stage) else 0.0)
         worst = max(worst, g.layout.microbatches * t + _op_seconds(g.optimizer_op(stage), prof))
     return worst
 
@@ -146,7 +142,7 @@ def lower_bound_s(model: ModelSpec, plan: PlanSpec, world: int, prof: ProfileSpe
 def _bound_key(p: PlanSpec) -> tuple:
     c = p.compression
     return (p.tp, p.sp, p.ep, p.etp, p.pp, p.vpp, p.micro_batch, p.recompute, p.global_batch, c.dispatch,
-            c.combine, p.distributed_optimizer)
+            c.combine, p.distributed_optimizer, p.precision, p.fp8_recipe, p.pp_layout, p.schedule)
 
 
 # ------------------------------------------------------------------------ evaluation
@@ -243,7 +239,7 @@ def _prepare(study: StudySpec, v: VariantParts, start: int, memory_fn: MemoryFn,
     for p in study.plans:
         plan = p.model_copy(update={"global_batch": gb}) if study.global_batch else p
         rows.append(Row(start + len(rows), v.name, PlanSpec(**plan.model_dump(exclude={"calibrate"})), fixed=True))
-    cands, merged = enumerate_space(study.search, gb) if study.search else ([], 0)
+    cands, merged = enumerate_space(study.search, gb, v.model.layers) if study.search else ([], 0)
     for c in cands:
         if isinstance(c, str):
             rows.append(Row(start + len(rows), v.name, PlanSpec(name="(not a plan)"), status="invalid", reason=c))

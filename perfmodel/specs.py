@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from perfmodel import yamlsafe
 
@@ -229,6 +229,9 @@ class ProfileSpec(Strict):
     nvlink_bw_GBps: NonNegFloat = 0.0  # per GPU per direction
     gemm_efficiency: EfficiencyCurve
     grouped_gemm_efficiency: EfficiencyCurve | None = None
+    # FP8 GEMMs (precision: fp8) against peak_tflops.fp8; absent: the 16-bit curves are used
+    fp8_gemm_efficiency: EfficiencyCurve | None = None
+    fp8_grouped_gemm_efficiency: EfficiencyCurve | None = None
     attention_efficiency: EfficiencyCurve
     memory_efficiency: EfficiencyCurve
     launch_overhead_us: NonNegFloat = 4.0
@@ -305,6 +308,21 @@ class CompressionSpec(Strict):
 
 
 PARALLEL_DIMS = ("tp", "sp", "dp", "pp")
+SCHEDULES = ("1f1b", "interleaved", "zero-bubble", "dualpipev")
+
+
+class PipelineLayoutSpec(Strict):
+    """Layers per virtual pipeline stage (perfmodel/pplayout.py resolves and checks it).
+
+    `stages`: decoder layers of each virtual stage in pipeline order (pp*vpp entries); omitted:
+    the default split, where the two flags count the embedding / the loss as one layer's worth of
+    work on the first / last stage (Megatron-Core's account_for_*_in_pipeline_split). A plan may
+    also give a Megatron-Core `--pipeline-model-parallel-layout` string or a plain list of counts.
+    """
+
+    stages: tuple[NonNegInt, ...] | None = None
+    account_for_embedding: bool = False
+    account_for_loss: bool = False
 
 
 class PlanSpec(Strict):
@@ -319,7 +337,14 @@ class PlanSpec(Strict):
     dp: PosInt | None = None  # derived from the world size if omitted
     micro_batch: PosInt = 1  # sequences per micro-batch per data-parallel replica
     global_batch: PosInt = 8  # sequences per iteration
-    schedule: Literal["1f1b", "interleaved"] = "1f1b"
+    # 1f1b (vpp=1), interleaved (vpp>1), zero-bubble (ZB-V) and dualpipev: V-shape, vpp=2
+    schedule: Literal["1f1b", "interleaved", "zero-bubble", "dualpipev"] = "1f1b"
+    pp_layout: PipelineLayoutSpec | None = None  # default: even split, else balanced (pplayout.py)
+    # fp8: the linear layers of attention, experts and dense FFNs run FP8 GEMMs (fwd, dgrad, wgrad)
+    precision: Literal["bf16", "fp8"] = "bf16"
+    # tensorwise: per-tensor current scaling (Transformer Engine's default); blockwise: DeepSeek-V3's
+    # 1x128 activation tiles and 128x128 weight blocks
+    fp8_recipe: Literal["tensorwise", "blockwise"] = "tensorwise"
     recompute: Literal["none", "selective", "full"] = "none"
     overlap: OverlapSpec = OverlapSpec()
     compression: CompressionSpec = CompressionSpec()
@@ -333,8 +358,24 @@ class PlanSpec(Strict):
         if sorted(self.rank_order) != sorted(PARALLEL_DIMS):
             raise ValueError(f"rank_order must be a permutation of {list(PARALLEL_DIMS)}")
         if self.schedule == "1f1b" and self.vpp != 1:
-            raise ValueError("vpp>1 needs schedule: interleaved")
+            raise ValueError(f"vpp={self.vpp} needs schedule: interleaved (1f1b runs one stage per rank)")
+        if self.schedule == "interleaved" and self.vpp == 1 and self.pp > 1:
+            raise ValueError("schedule: interleaved needs vpp>1 (virtual stages per rank); use 1f1b for vpp=1")
+        if self.schedule in ("zero-bubble", "dualpipev") and self.vpp != 2:
+            raise ValueError(f"schedule: {self.schedule} is a V-shape schedule and needs vpp=2 (two stages per "
+                             f"rank), got vpp={self.vpp}")
         return self
+
+    @field_validator("pp_layout", mode="before")
+    @classmethod
+    def _layout(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            from perfmodel.pplayout import parse_megatron
+
+            return parse_megatron(v)
+        if isinstance(v, (list, tuple)):
+            return {"stages": v}
+        return v
 
 
 # ------------------------------------------------------------------------------ study
@@ -357,6 +398,11 @@ class SearchSpace(Strict):
     grad_sync: list[Literal["fp32", "bf16"]] = ["fp32"]
     distributed_optimizer: list[bool] = [True]
     rank_order: list[tuple[Literal["tp", "sp", "dp", "pp"], ...]] = [("tp", "sp", "dp", "pp")]
+    # a schedule is a candidate only with a vpp it fits: 1f1b vpp=1, interleaved vpp>1, the V-shape
+    # schedules (zero-bubble, dualpipev) vpp=2; other pairings are dropped as no-effect duplicates
+    schedule: list[Literal["1f1b", "interleaved", "zero-bubble", "dualpipev"]] = ["1f1b", "interleaved"]
+    precision: list[Literal["bf16", "fp8"]] = ["bf16"]
+    fp8_recipe: list[Literal["tensorwise", "blockwise"]] = ["tensorwise"]  # only with precision fp8
 
 
 class NamedPlan(PlanSpec):

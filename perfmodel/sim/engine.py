@@ -24,10 +24,10 @@ from perfmodel.hardware import Hardware
 from perfmodel.layout import rank_group_index, rank_groups
 from perfmodel.opgraph import Op, OpGraph
 from perfmodel.sim.layer import LayerRun, run_layer
-from perfmodel.sim.pipeline import run_pipeline
+from perfmodel.sim.pipeline import run_schedule
 from perfmodel.sim.result import SimResult
 from perfmodel.sim.timeline import build_timeline
-from perfmodel.specs import ClusterSpec, CollectiveFit, ModelSpec, PlanSpec, ProfileSpec
+from perfmodel.specs import ClusterSpec, CollectiveFit, ModelSpec, PlanSpec, ProfileSpec, SpecError
 from perfmodel.topology import Topology, topology_for
 
 _GRAPHS: dict[tuple[str, str, int], OpGraph] = {}
@@ -89,6 +89,9 @@ def simulate(model: ModelSpec, cluster: ClusterSpec, plan: PlanSpec, profile: Pr
              trace: bool = False) -> SimResult:
     """Simulate one iteration; SpecError for a plan that cannot be laid out on the cluster."""
     profile = profile or cluster.profile()
+    if plan.precision == "fp8" and "fp8" not in profile.peak_tflops:
+        raise SpecError(f"plan.precision: fp8 needs an fp8 peak, but profile {profile.name} has no "
+                        f"peak_tflops.fp8; add it or use precision: bf16")
     world = cluster.world_size
     graph = _graph(model, plan, world)
     L = graph.layout
@@ -104,32 +107,42 @@ def simulate(model: ModelSpec, cluster: ClusterSpec, plan: PlanSpec, profile: Pr
         runs[kind] = (fwd, bwd)
     head_f = _serial_s([op for op in graph.head_ops if op.phase == "fwd"], hw)
     head_b = _serial_s([op for op in graph.head_ops if op.phase != "fwd"], hw)
+    head_w = _serial_s([op for op in graph.head_ops if op.phase == "wgrad"], hw)
     embed = _serial_s(graph.embed_ops, hw)
+    wgrad = {k: sum(s.end_s - s.start_s for s in rb.spans if s.op.phase == "wgrad") for k, (_, rb) in runs.items()}
 
-    F, B, CF, CB = [], [], [], []
-    for s in range(L.pp):
-        kinds = graph.stage_layer_kinds(s)
-        f = b = cf = cb = 0.0
-        for kind in ("moe", "dense"):
-            n = kinds.count(kind)
-            if n:
-                rf, rb = runs[kind]
-                f, b, cf, cb = f + n * rf.duration_s, b + n * rb.duration_s, cf + n * rf.compute_s, cb + n * rb.compute_s
-        extra_f = (embed if s == 0 else 0.0) + (head_f if s == L.pp - 1 else 0.0)
-        extra_b = (embed if s == 0 else 0.0) + (head_b if s == L.pp - 1 else 0.0)
-        F.append(f + extra_f)
-        B.append(b + extra_b)
-        CF.append(cf + extra_f)
-        CB.append(cb + extra_b)
+    # per virtual stage, one micro-batch: forward, whole backward, its wgrad part, compute-only times
+    st = L.stages
+    n = st.n_stages
+    F, B, W, CF, CB = ([0.0] * n for _ in range(5))
+    for v in range(n):
+        for kind in graph.vstage_layer_kinds(v):
+            rf, rb = runs[kind]
+            F[v] += rf.duration_s
+            B[v] += rb.duration_s
+            CF[v] += rf.compute_s
+            CB[v] += rb.compute_s
+            W[v] += wgrad[kind]
+        extra_f = (embed if v == 0 else 0.0) + (head_f if v == n - 1 else 0.0)
+        extra_b = (embed if v == 0 else 0.0) + (head_b if v == n - 1 else 0.0)
+        F[v], CF[v], B[v], CB[v] = F[v] + extra_f, CF[v] + extra_f, B[v] + extra_b, CB[v] + extra_b
+        W[v] += head_w if v == n - 1 else 0.0
 
     p2p_s = 0.0
     if L.pp > 1:
         c = collective_cost(topo, "send_recv", (ctx.reps[0], ctx.reps[1]), 1.0, len(ctx.groups["pp"]))
         p2p_s = c.time_s(graph.pp_bytes)
     m = L.microbatches
-    pipe = run_pipeline(F, B, m, L.vpp, p2p_s)
-
     slow = profile.comm_compute_slowdown
+
+    def fb_s(vf: int, vb: int) -> float:
+        """DualPipe's F&B: one micro-batch's forward and another's backward share the rank; each
+        one's collectives run under the other's compute (slowed by the interference factor)."""
+        compute, comm = CF[vf] + CB[vb], (F[vf] - CF[vf]) + (B[vb] - CB[vb])
+        return max(compute + slow * min(comm, compute), comm)
+
+    pipe = run_schedule(st, plan.schedule if L.pp > 1 else "1f1b", m, F, B, W, p2p_s, fb_s)
+
     host_s = profile.step_overhead_us * 1e-6  # per-step host time (calibrated; 0 on presets)
     totals, syncs = [], []
     for s in range(L.pp):
@@ -141,20 +154,24 @@ def simulate(model: ModelSpec, cluster: ClusterSpec, plan: PlanSpec, profile: Pr
             else:
                 red += t
         if plan.overlap.grad_sync:
-            buckets = max(1, L.layers_per_stage)
-            exp_r = max(red / buckets, red - B[s] / L.vpp)
-            exp_g = max(gat / buckets, gat - F[s] / L.vpp)
+            buckets = max(1, len(st.layers_of(s)))
+            mine = st.stages_of(s)
+            # the last backward chunk of this rank / the first forward chunk hide the sync
+            exp_r = max(red / buckets, red - B[mine[0]])
+            exp_g = max(gat / buckets, gat - F[mine[0]])
             exposed = exp_r + exp_g + slow * ((red - exp_r) + (gat - exp_g))
         else:
             exposed = red + gat
-        opt = hw.compute_s(graph.optimizer_op(s))
+        # FP8 plans: the optimizer step is followed by the FP8 weight copies (+ transposes), once per step
+        opt = hw.compute_s(graph.optimizer_op(s)) + _serial_s(graph.fp8_weight_cast_ops(s), hw)
         syncs.append((red, gat, exposed, opt))
         totals.append(pipe.finish_s[s] + exposed + opt + host_s)
     step = max(totals)
     cs = totals.index(step)
     red, gat, exposed, opt = syncs[cs]
-    compute = m * (CF[cs] + CB[cs])
-    exposed_comm = m * ((F[cs] - CF[cs]) + (B[cs] - CB[cs]))
+    mine = st.stages_of(cs)
+    compute = m * sum(CF[v] + CB[v] for v in mine)
+    exposed_comm = max(0.0, pipe.busy_s[cs] - compute)
     breakdown = {"compute_s": compute, "exposed_comm_s": exposed_comm,
                  "bubble_s": pipe.finish_s[cs] - pipe.busy_s[cs], "grad_sync_s": exposed, "optimizer_s": opt}
     if host_s > 0:
@@ -170,7 +187,8 @@ def simulate(model: ModelSpec, cluster: ClusterSpec, plan: PlanSpec, profile: Pr
         "grad_sync": {"reduce_s": red, "gather_s": gat, "exposed_s": exposed,
                       "bytes_per_rank": sum(op.bytes_per_rank for op in graph.grad_sync_ops(cs))},
         "pipeline": {"pp": L.pp, "vpp": L.vpp, "microbatches": m, "p2p_s": p2p_s, "stage_fwd_s": F,
-                     "stage_bwd_s": B, "critical_stage": cs},
+                     "stage_bwd_s": B, "stage_wgrad_s": W, "critical_stage": cs, "schedule": plan.schedule,
+                     "layers_per_stage": [hi - lo for lo, hi in st.ranges]},
         "collectives": {op.event: ctx.cost(op).algorithm for op in graph.layers[main].ops if op.kind == "comm"},
     }
     res = SimResult(step_time_s=step, tokens_per_s=graph.tokens_per_iteration() / step, mfu=mfu,

@@ -38,8 +38,10 @@ from perfmodel.specs import OverlapSpec
 
 CHAIN_GROUPS = ("ep", "etp")  # collectives pipelined with their GEMM by intra-op overlap (the runtime
 # chunks the expert-parallel token path only: TP all-gather/reduce-scatter stay whole)
-CHAIN_MEMORY = QUANT_OPS  # (de)quantize kernels around a compressed collective are pipelined with it
-EXPERT_BODY = ("moe.act", "moe.fc2", "moe.fc1")  # chunked with the dispatch/combine a2a around them
+# (de)quantize kernels around a compressed collective, and the FP8 casts of the expert GEMMs' inputs,
+# are pipelined with it
+CHAIN_MEMORY = QUANT_OPS | {"moe.fc1_quant", "moe.fc2_quant"}
+EXPERT_BODY = ("moe.act", "moe.fc2_quant", "moe.fc2", "moe.fc1")  # chunked with the dispatch/combine a2a around them
 UNCHAINED = ("moe.dispatch_counts",)  # one exchange of every chunk's counts, before the first chunk
 DEFERRED_WGRAD = ("moe.fc1", "moe.fc2")  # inter-op: wgrad deferred under the dispatch gradient a2a
 

@@ -22,7 +22,9 @@ def build_timeline(pipe: PipelineRun, runs: tuple[LayerRun, LayerRun], syncs: li
            for sp in pipe.spans]
     rank = ctx.reps[0]
     for kind, run in zip(("fwd", "bwd"), runs, strict=True):
-        first = next(sp for sp in pipe.spans if sp.stage == 0 and sp.kind == kind and sp.microbatch == 0)
+        first = next((sp for sp in pipe.spans if sp.stage == 0 and sp.kind == kind and sp.microbatch == 0), None)
+        if first is None:  # DualPipeV runs micro-batch 0's backward overlapped with a forward (fwd+bwd)
+            first = next(sp for sp in pipe.spans if sp.stage == 0 and kind in sp.kind)
         for s in run.spans:
             args = {"layer": 0, "microbatch": 0, "rank": rank, "piece": s.label,
                     "bytes": s.op.bytes * s.frac, "flops": s.op.flops * s.frac}
