@@ -73,20 +73,31 @@ class Hardware:
             curve = p.attention_efficiency
         else:
             raise ValueError(f"{op.event} is not a compute op")
-        eff = max(curve.at(work), 1e-9)  # type: ignore[union-attr]
         dtype = op.dtype if op.kind == "gemm" else "bf16"
-        t_math = flops / (self.peak_flops(dtype) * eff) if flops > 0 else 0.0
+        peak = self.peak_flops(dtype)
+        if op.kind == "gemm" and curve is self._curve16(op) and dtype not in ("bf16", "fp16"):
+            # a 16-bit curve read for another dtype (the fp32 router; fp8 without fp8 curves): its
+            # half_work is a fixed per-GEMM cost measured at the 16-bit rate, so read the curve at
+            # the 16-bit-equivalent work (a tiny fp32 GEMM costs that latency, not 15x it)
+            work *= self.peak_bf16_flops() / peak
+        eff = max(curve.at(work), 1e-9)  # type: ignore[union-attr]
+        t_math = flops / (peak * eff) if flops > 0 else 0.0
         return max(t_math, self.memory_s(nbytes)) + over
+
+    def _curve16(self, op: Op):
+        p = self.profile
+        grouped = op.shape is not None and op.shape[0] > 1 and p.grouped_gemm_efficiency is not None
+        return p.grouped_gemm_efficiency if grouped else p.gemm_efficiency
 
     def gemm_curve(self, op: Op):
         """The efficiency curve of a GEMM: grouped or not, FP8 or 16-bit (FP8 falls back to 16-bit)."""
         p = self.profile
-        grouped = op.shape is not None and op.shape[0] > 1 and p.grouped_gemm_efficiency is not None
         if op.dtype == "fp8":
+            grouped = op.shape is not None and op.shape[0] > 1 and p.fp8_grouped_gemm_efficiency is not None
             fp8 = p.fp8_grouped_gemm_efficiency if grouped else p.fp8_gemm_efficiency
             if fp8 is not None:
                 return fp8
-        return p.grouped_gemm_efficiency if grouped else p.gemm_efficiency
+        return self._curve16(op)
 
     def peak_bf16_flops(self) -> float:
         return self.peak_flops("bf16")
