@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 
 from perfmodel.specs import PipelineLayoutSpec, PlanSpec, SpecError
 
@@ -45,14 +45,18 @@ class StageLayout:
             return v if v < self.pp else 2 * self.pp - 1 - v
         return v % self.pp
 
+    @cached_property
+    def _by_rank(self) -> tuple[tuple[int, ...], ...]:
+        return tuple(tuple(v for v in range(self.n_stages) if self.rank_of(v) == r) for r in range(self.pp))
+
     def stages_of(self, rank: int) -> list[int]:
         """Virtual stages held by pipeline rank `rank`, in chunk order (chunk c = the c-th entry)."""
-        return [v for v in range(self.n_stages) if self.rank_of(v) == rank]
+        return list(self._by_rank[rank])
 
     def layers_of(self, rank: int) -> list[int]:
-        return [i for v in self.stages_of(rank) for i in range(*self.ranges[v])]
+        return [i for v in self._by_rank[rank] for i in range(*self.ranges[v])]
 
-    @property
+    @cached_property
     def max_layers_per_rank(self) -> int:
         return max(len(self.layers_of(r)) for r in range(self.pp))
 

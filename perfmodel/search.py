@@ -246,6 +246,7 @@ def _prepare(study: StudySpec, v: VariantParts, start: int, memory_fn: MemoryFn,
         else:
             rows.append(Row(start + len(rows), v.name, c))
     bounds: dict[tuple, float] = {}
+    estimates: dict[tuple, Any] = {}
     layouts: dict[tuple, str] = {}  # layout key -> "" (valid) or the failing constraint
     for row in rows:
         if row.status != "pending":
@@ -265,7 +266,11 @@ def _prepare(study: StudySpec, v: VariantParts, start: int, memory_fn: MemoryFn,
             bounds[key] = lower_bound_s(v.model, row.plan, v.world, v.profile)
         row.bound_s = bounds[key]
         if memory_fn is not None:
-            est = memory_fn(v.model, row.plan, v.world, v.profile)
+            # overlap (and rank order) do not change memory: one estimate per memory-relevant plan
+            mkey = key + (row.plan.compression.grad_sync,)
+            if mkey not in estimates:
+                estimates[mkey] = memory_fn(v.model, row.plan, v.world, v.profile)
+            est = estimates[mkey]
             row.memory_GiB = float(est.total_GiB)
             if not est.fits and not row.fixed and prune_memory:
                 row.status, row.reason = "pruned: memory", f"short {est.short_GiB:.2f} GiB " \

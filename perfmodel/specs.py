@@ -553,5 +553,12 @@ def with_overrides(spec: Strict, overrides: dict[str, Any], where: str) -> Any:
         raise SpecError(_format_error(exc, where, getattr(spec, "kind", type(spec).__name__))) from None
 
 
+def check_precision(plan: PlanSpec, profile: ProfileSpec) -> None:
+    """An FP8 plan needs a profile with an fp8 peak (SpecError naming the field otherwise)."""
+    if plan.precision == "fp8" and "fp8" not in profile.peak_tflops:
+        raise SpecError(f"plan.precision: fp8 needs an fp8 peak, but profile {profile.name} has no "
+                        f"peak_tflops.fp8; add it or use precision: bf16")
+
+
 def finite(x: float) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)

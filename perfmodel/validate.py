@@ -26,6 +26,7 @@ from perfmodel.specs import (
     SpecError,
     Strict,
     StudySpec,
+    check_precision,
     load_spec,
     parse_spec,
     preset_names,
@@ -85,6 +86,7 @@ def check_study(study: StudySpec, where: str, base: Path | None = None) -> Study
             plan = with_overrides(plan, {"global_batch": study.global_batch}, f"{where}: {label}")
         try:
             plan_layout(plan, model, world)
+            check_precision(plan, profile)
         except SpecError as exc:
             raise SpecError(one_line(f"{where}: {label}: {exc}")) from None
     for i, var in enumerate(study.variants):

@@ -4,15 +4,17 @@ Symmetry: one representative rank per pipeline stage (the one whose tp/sp/dp coo
 are 0; its groups hold the hottest expert rank). Stages are translations of each other on
 a symmetric fabric, so each distinct layer kind (moe / dense) is simulated once per phase
 group (forward; recompute + backward) with stage 0's group placement, in a simpy run where
-its compute and collectives share the rank's resources. Stage times are sums of layer
-times (+ embedding on the first stage, the head on the last); the pipeline schedule is
-composed from them; then DP gradient sync (exposed or overlapped with the last
+its compute and collectives share the rank's resources. Each virtual stage's time is the sum
+of its own layers' (perfmodel.pplayout: uneven layouts; + embedding on the first virtual stage,
+the head on the last), split into forward, backward and its wgrad part; the plan's schedule
+(perfmodel.sim.pipeline: 1F1B, interleaved, ZB-V, DualPipeV with F&B overlap) is run on them; then DP gradient sync (exposed or overlapped with the last
 micro-batch's backward / the next forward's parameter gather) and the optimizer step.
 
-Breakdown (critical = the stage that finishes last): compute_s (busy compute of its
-micro-batches), exposed_comm_s (layer comm not hidden under compute), bubble_s (pipeline
-idle incl. p2p waits), grad_sync_s (exposed), optimizer_s, and other_s (the profile's per-step
-host time, where calibrated); they add up to step_time_s.
+Breakdown (of the busiest pipeline rank; `critical_stage` in details): compute_s (busy compute
+of its micro-batches), exposed_comm_s (layer comm not hidden under compute), bubble_s (the rest
+of the step it spends idle: pipeline fill/drain, p2p waits, waiting on slower ranks), grad_sync_s
+(exposed), optimizer_s, and other_s (the profile's per-step host time, where calibrated); they
+add up to step_time_s.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from perfmodel.sim.layer import LayerRun, run_layer
 from perfmodel.sim.pipeline import run_schedule
 from perfmodel.sim.result import SimResult
 from perfmodel.sim.timeline import build_timeline
-from perfmodel.specs import ClusterSpec, CollectiveFit, ModelSpec, PlanSpec, ProfileSpec, SpecError
+from perfmodel.specs import ClusterSpec, CollectiveFit, ModelSpec, PlanSpec, ProfileSpec, check_precision
 from perfmodel.topology import Topology, topology_for
 
 _GRAPHS: dict[tuple[str, str, int], OpGraph] = {}
@@ -89,9 +91,7 @@ def simulate(model: ModelSpec, cluster: ClusterSpec, plan: PlanSpec, profile: Pr
              trace: bool = False) -> SimResult:
     """Simulate one iteration; SpecError for a plan that cannot be laid out on the cluster."""
     profile = profile or cluster.profile()
-    if plan.precision == "fp8" and "fp8" not in profile.peak_tflops:
-        raise SpecError(f"plan.precision: fp8 needs an fp8 peak, but profile {profile.name} has no "
-                        f"peak_tflops.fp8; add it or use precision: bf16")
+    check_precision(plan, profile)
     world = cluster.world_size
     graph = _graph(model, plan, world)
     L = graph.layout
@@ -141,7 +141,7 @@ def simulate(model: ModelSpec, cluster: ClusterSpec, plan: PlanSpec, profile: Pr
         compute, comm = CF[vf] + CB[vb], (F[vf] - CF[vf]) + (B[vb] - CB[vb])
         return max(compute + slow * min(comm, compute), comm)
 
-    pipe = run_schedule(st, plan.schedule if L.pp > 1 else "1f1b", m, F, B, W, p2p_s, fb_s)
+    pipe = run_schedule(st, plan.schedule if L.pp > 1 else "1f1b", m, F, B, W, p2p_s, fb_s, record=trace)
 
     host_s = profile.step_overhead_us * 1e-6  # per-step host time (calibrated; 0 on presets)
     totals, syncs = [], []
@@ -167,13 +167,17 @@ def simulate(model: ModelSpec, cluster: ClusterSpec, plan: PlanSpec, profile: Pr
         syncs.append((red, gat, exposed, opt))
         totals.append(pipe.finish_s[s] + exposed + opt + host_s)
     step = max(totals)
-    cs = totals.index(step)
+    # the breakdown is the busiest rank's (its own work + everything it waits for = the step): with
+    # uneven stages the rank that finishes last may be a light one waiting on the others, whose
+    # "bubble" would hide what really paces the pipeline
+    work = [pipe.busy_s[s] + syncs[s][2] + syncs[s][3] for s in range(L.pp)]
+    cs = max(range(L.pp), key=lambda s: (work[s], totals[s]))
     red, gat, exposed, opt = syncs[cs]
     mine = st.stages_of(cs)
     compute = m * sum(CF[v] + CB[v] for v in mine)
     exposed_comm = max(0.0, pipe.busy_s[cs] - compute)
     breakdown = {"compute_s": compute, "exposed_comm_s": exposed_comm,
-                 "bubble_s": pipe.finish_s[cs] - pipe.busy_s[cs], "grad_sync_s": exposed, "optimizer_s": opt}
+                 "bubble_s": step - host_s - work[cs], "grad_sync_s": exposed, "optimizer_s": opt}
     if host_s > 0:
         breakdown["other_s"] = host_s
     memory, fits = _memory(model, plan, world, profile)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
 
 from perfmodel.pplayout import StageLayout
 
@@ -189,84 +190,114 @@ def _dualpipev_order(rank: int, pp: int, m: int) -> list[Action]:
     return out
 
 
-def rank_orders(schedule: str, pp: int, m: int, vpp: int) -> list[list[Action]]:
+@lru_cache(maxsize=256)
+def rank_orders(schedule: str, pp: int, m: int, vpp: int) -> tuple[tuple[Action, ...], ...]:
     if schedule == "zero-bubble":
-        return [_zbv_order(r, pp, m) for r in range(pp)]
+        return tuple(tuple(_zbv_order(r, pp, m)) for r in range(pp))
     if schedule == "dualpipev":
         if m < 2 * pp:
             raise ValueError(f"dualpipev needs at least 2*pp={2 * pp} micro-batches, got {m}")
-        return [_dualpipev_order(r, pp, m) for r in range(pp)]
-    return [_megatron_order(r, pp, m, vpp) for r in range(pp)]
+        return tuple(tuple(_dualpipev_order(r, pp, m)) for r in range(pp))
+    return tuple(tuple(_megatron_order(r, pp, m, vpp)) for r in range(pp))
 
 
 # --------------------------------------------------------------------------- executor
+_F, _B, _W = 0, 1, 2  # what an action completes
+_SPAN = {"F": "fwd", "B": "bwd", "W": "wgrad", "BW": "bwd", "FB": "fwd+bwd"}
+_DONE = {"F": (_F,), "B": (_B,), "W": (_W,), "BW": (_B, _W)}
+
+
+@lru_cache(maxsize=64)
+def _skeleton(schedule: str, pp: int, m: int, vpp: int, style: str) -> tuple:
+    """Per rank, its actions with their dependencies resolved once per schedule shape: (kind,
+    v, dependencies as (completion key, crosses ranks), completion keys, span kind, micro-batch,
+    backward stage of an FB). A completion key is (what * n + v) * m + mb."""
+    n = pp * vpp
+    rank_of = StageLayout(pp, vpp, style, tuple((v, v + 1) for v in range(n))).rank_of
+    key = lambda what, v, mb: (what * n + v) * m + mb  # noqa: E731
+
+    def needs(kind: str, v: int, mb: int) -> tuple[int, bool] | None:
+        if kind == "F":
+            return None if v == 0 else (key(_F, v - 1, mb), rank_of(v - 1) != rank_of(v))
+        if kind in ("B", "BW"):
+            return (key(_F, v, mb), False) if v == n - 1 else (key(_B, v + 1, mb), rank_of(v + 1) != rank_of(v))
+        return key(_B, v, mb), False
+
+    out = []
+    for order in rank_orders(schedule, pp, m, vpp):
+        acts = []
+        for a in order:
+            if a[0] == "FB":
+                deps = tuple(d for d in (needs("F", a[1], a[2]), needs("BW", a[3], a[4])) if d is not None)
+                done = (key(_F, a[1], a[2]), key(_B, a[3], a[4]), key(_W, a[3], a[4]))
+                acts.append(("FB", a[1], deps, done, _SPAN["FB"], a[2], a[3]))
+            else:
+                d = needs(a[0], a[1], a[2])
+                done = tuple(key(w, a[1], a[2]) for w in _DONE[a[0]])
+                acts.append((a[0], a[1], (d,) if d else (), done, _SPAN[a[0]], a[2], -1))
+        out.append(tuple(acts))
+    return tuple(out)
+
+
 def run_schedule(stages: StageLayout, schedule: str, m: int, fwd_s: list[float], bwd_s: list[float],
                  wgrad_s: list[float] | None = None, p2p_s: float = 0.0,
-                 fb_s: Callable[[int, int], float] | None = None) -> PipelineRun:
+                 fb_s: Callable[[int, int], float] | None = None, record: bool = True) -> PipelineRun:
     """Execute the schedule. Times are per micro-batch per virtual stage: fwd_s, bwd_s (the whole
-    backward, W included) and wgrad_s (the W part of it; 0 when not given)."""
+    backward, W included) and wgrad_s (the W part of it; 0 when not given). `record`: keep every
+    action's span (for timelines; the search does not need them)."""
     n, pp = stages.n_stages, stages.pp
     w_s = wgrad_s or [0.0] * n
-    b_s = [bwd_s[v] - w_s[v] for v in range(n)]
-    fb = fb_s or (lambda vf, vb: fwd_s[vf] + bwd_s[vb])
-    orders = rank_orders(schedule, pp, m, stages.vpp)
-    rank_of = [stages.rank_of(v) for v in range(n)]
-    done: dict[tuple[str, int, int], float] = {}
+    dur = {"F": fwd_s, "B": [bwd_s[v] - w_s[v] for v in range(n)], "W": w_s, "BW": bwd_s}
+    fb_cache: dict[tuple[int, int], float] = {}
 
-    def arrival(kind: str, v: int, mb: int) -> float | None:
-        if kind == "F":
-            if v == 0:
-                return 0.0
-            dep, hop = ("F", v - 1, mb), rank_of[v - 1] != rank_of[v]
-        elif kind in ("B", "BW"):
-            if v == n - 1:
-                dep, hop = ("F", v, mb), False
-            else:
-                dep, hop = ("B", v + 1, mb), rank_of[v + 1] != rank_of[v]
-        else:
-            dep, hop = ("B", v, mb), False
-        t = done.get(dep)
-        return None if t is None else t + (p2p_s if hop else 0.0)
+    def fb(vf: int, vb: int) -> float:
+        if (vf, vb) not in fb_cache:
+            fb_cache[(vf, vb)] = fb_s(vf, vb) if fb_s else fwd_s[vf] + bwd_s[vb]
+        return fb_cache[(vf, vb)]
 
-    def ready(a: Action) -> float | None:
-        if a[0] == "FB":
-            t1, t2 = arrival("F", a[1], a[2]), arrival("BW", a[3], a[4])
-            return None if t1 is None or t2 is None else max(t1, t2)
-        return arrival(a[0], a[1], a[2])
-
-    def duration(a: Action) -> float:
-        return {"F": lambda: fwd_s[a[1]], "B": lambda: b_s[a[1]], "W": lambda: w_s[a[1]],
-                "BW": lambda: bwd_s[a[1]], "FB": lambda: fb(a[1], a[3])}[a[0]]()
-
+    plans = _skeleton(schedule, pp, m, stages.vpp, stages.style)
+    # durations per rank, in action order (hot loop below: plain lists, no per-action calls)
+    durs = [[fb(a[1], a[6]) if a[0] == "FB" else dur[a[0]][a[1]] for a in order] for order in plans]
+    done: dict[int, float] = {}
+    waiting: dict[int, list[int]] = {}  # completion key -> ranks blocked on it
     pos, free, busy = [0] * pp, [0.0] * pp, [0.0] * pp
     spans: list[Span] = []
-    names = {"F": "fwd", "B": "bwd", "W": "wgrad", "BW": "bwd"}
-    remaining = sum(len(o) for o in orders)
-    while remaining:
-        progressed = False
-        for r in range(pp):
-            while pos[r] < len(orders[r]):
-                a = orders[r][pos[r]]
-                t = ready(a)
+    # each rank runs its actions in order; an action starts at max(rank free, inputs arrived), so
+    # the order in which ranks are advanced here does not change any time
+    todo = list(range(pp))
+    get = done.get
+    while todo:
+        r = todo.pop()
+        order, d_r = plans[r], durs[r]
+        i, t_free, n_act = pos[r], free[r], len(order)
+        while i < n_act:
+            act = order[i]
+            start = t_free
+            blocked = None
+            for k, cross in act[2]:
+                t = get(k)
                 if t is None:
+                    blocked = k
                     break
-                start = max(t, free[r])
-                end = start + duration(a)
-                if a[0] == "FB":
-                    done[("F", a[1], a[2])] = done[("B", a[3], a[4])] = done[("W", a[3], a[4])] = end
-                    spans.append(Span(r, "fwd+bwd", a[2], a[1], start, end))
-                else:
-                    done[(a[0][0], a[1], a[2])] = end
-                    if a[0] == "BW":
-                        done[("W", a[1], a[2])] = end
-                    spans.append(Span(r, names[a[0]], a[2], a[1], start, end))
-                free[r] = end
-                busy[r] += end - start
-                pos[r] += 1
-                remaining -= 1
-                progressed = True
-        if not progressed:  # pragma: no cover - the orders above cannot deadlock
-            raise RuntimeError(f"pipeline schedule {schedule} deadlocked")
+                if cross:
+                    t += p2p_s
+                if t > start:
+                    start = t
+            if blocked is not None:
+                waiting.setdefault(blocked, []).append(r)
+                break
+            t_free = start + d_r[i]
+            for k in act[3]:
+                done[k] = t_free
+                if k in waiting:
+                    todo += waiting.pop(k)
+            if record:
+                spans.append(Span(r, act[4], act[5], act[1], start, t_free))
+            i += 1
+        busy[r] += sum(d_r[pos[r]:i])
+        pos[r], free[r] = i, t_free
+    if any(pos[r] < len(plans[r]) for r in range(pp)):  # pragma: no cover - the orders cannot deadlock
+        raise RuntimeError(f"pipeline schedule {schedule} deadlocked")
     return PipelineRun(free, busy, spans)
 
 

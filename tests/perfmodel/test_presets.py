@@ -9,7 +9,7 @@ from perfmodel.specs import PRESET_DIR, PRESET_SUBDIR, load_spec, preset_names
 from perfmodel.validate import main_presets, validate_file
 
 EXPECTED = {
-    "model": {"deepseek-v3", "megascale-moe-352b", "mixtral-8x7b", "mixtral-8x22b", "qwen3-moe-235b-a22b",
+    "model": {"deepseek-v3", "megascale-moe-352b", "mixtral-8x7b", "mixtral-8x22b", "qwen3-moe-235b-a22b", "qwen2-57b-a14b",
               "tiny-moe", "moe-1b"},
     "cluster": {"megascale-1440", "h100-dgx-8", "h100-dgx-64", "h100-dgx-1024", "cpu-local-4"},
     "profile": {"h100-sxm", "h800", "h200", "cpu"},
@@ -22,6 +22,7 @@ PUBLISHED = {
     "mixtral-8x22b": (141e9, 39e9),  # mistral.ai/news/mixtral-8x22b
     "deepseek-v3": (671e9, 37e9),  # arXiv 2412.19437
     "qwen3-moe-235b-a22b": (235e9, 22e9),  # arXiv 2505.09388
+    "qwen2-57b-a14b": (57e9, 14e9),  # arXiv 2407.10671
     "megascale-moe-352b": (352e9, None),  # arXiv 2505.11432 (title); shape from its Table 2
 }
 # the paper's own Table 2 shape counts 341.3B by the standard count: 3.04 % under its title

@@ -119,7 +119,8 @@ def test_zero_comm_pipeline_bubble_through_simulate():
     fwd, bwd = r.details["pipeline"]["stage_fwd_s"], r.details["pipeline"]["stage_bwd_s"]
     assert r.details["pipeline"]["p2p_s"] > 0  # the only comm: stage-to-stage sends
     no_p2p = run_pipeline(fwd, bwd, 8)
-    assert r.breakdown["bubble_s"] >= no_p2p.step_s - no_p2p.busy_s[0] - 1e-12
+    # the breakdown is the busiest rank's (the last: it holds the head)
+    assert r.breakdown["bubble_s"] >= no_p2p.step_s - max(no_p2p.busy_s) - 1e-12
 
 
 def test_overlap_compression_and_skew_move_the_step_time():

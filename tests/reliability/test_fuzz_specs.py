@@ -37,6 +37,9 @@ BASES["plan"] = [
      "recompute": "selective", "overlap": {"inter_op": True, "intra_op": "tile", "chunks": 4},
      "compression": {"dispatch": "fp8", "grad_sync": "bf16"}, "rank_order": ["sp", "tp", "dp", "pp"]},
     {"tp": 2, "ep": 2, "micro_batch": 2, "global_batch": 8, "distributed_optimizer": False},
+    {"kind": "plan", "pp": 2, "vpp": 2, "schedule": "dualpipev", "precision": "fp8", "fp8_recipe": "blockwise",
+     "pp_layout": "Et|t|t|tL", "global_batch": 16},
+    {"pp": 2, "schedule": "1f1b", "pp_layout": {"stages": [3, 1], "account_for_loss": True}, "global_batch": 4},
 ]
 BASES["study"] = [
     {"kind": "study", "name": "s", "model": "tiny-moe", "cluster": "cpu-local-4", "global_batch": 8,
@@ -55,7 +58,8 @@ leaf = st.one_of(
     st.sampled_from([0, -1, 1, 10**9, 10**9 + 1, 2**63, 10**30]),
     st.floats(allow_nan=True, allow_infinity=True),
     st.sampled_from([float("nan"), float("inf"), -float("inf"), -0.0, 1e308, 5e-324]),
-    st.text(max_size=12), st.sampled_from(["bf16", "fp8", "1f1b", "h100-sxm", "tiny-moe", "nvlink", "", "model"]),
+    st.text(max_size=12), st.sampled_from(["bf16", "fp8", "1f1b", "h100-sxm", "tiny-moe", "nvlink", "", "model",
+                                           "dualpipev", "zero-bubble", "blockwise", "Et|tL", "(t|)*2", "t*99"]),
 )
 junk = st.recursive(leaf, lambda kids: st.one_of(st.lists(kids, max_size=4),
                                                  st.dictionaries(st.text(max_size=6), kids, max_size=4)),
