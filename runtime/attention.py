@@ -9,6 +9,8 @@ Activations enter and leave sequence-sharded: [B, S/(tp*sp), H] per rank.
   (their gradients are summed over sp), so no weight traffic, only activations.
 MLA models (DeepSeek) are run as plain GQA with the spec's heads/kv_heads/head_dim: the runtime
 measures the parallel structure, not MLA's low-rank projections (documented assumption).
+precision fp8: q/k/v and the output projection are FP8 GEMMs (runtime.fp8_linear; x cast once for
+q, k and v); the attention core stays 16-bit.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from torch.profiler import record_function
 from torch.utils.checkpoint import checkpoint
 
 from perfmodel.specs import ModelSpec
+from runtime import fp8_linear
 from runtime import parallel_ops as comm
 from runtime.groups import Parallel
 from runtime.params import REPLICATED, Placement, make_param
@@ -44,8 +47,10 @@ def _core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 
 class Attention(nn.Module):
-    def __init__(self, spec: ModelSpec, par: Parallel, prefix: str, seed: int, selective_recompute: bool = False):
+    def __init__(self, spec: ModelSpec, par: Parallel, prefix: str, seed: int, selective_recompute: bool = False,
+                 precision: str = "bf16", fp8_recipe: str = "tensorwise"):
         super().__init__()
+        self.fp8 = fp8_linear.recipe_of(precision, fp8_recipe)
         self.par, self.seq_len = par, spec.seq_len
         nh, nkv, d, h = spec.heads, spec.kv_heads, spec.head_dim, spec.hidden
         tp, ti = par.size("tp"), par.index("tp")
@@ -76,9 +81,10 @@ class Attention(nn.Module):
             x = comm.all_gather(x, 1, tp_pg)  # [B, S/sp, H]
         b, s, _ = x.shape
         with record_function("attn.qkv/fwd"):
-            q = F.linear(x, self.wq).view(b, s, self.nhl, self.d)
-            k = F.linear(x, self.wk).view(b, s, -1, self.d)[:, :, self.kv_slice[0]:self.kv_slice[1]]
-            v = F.linear(x, self.wv).view(b, s, -1, self.d)[:, :, self.kv_slice[0]:self.kv_slice[1]]
+            xq = fp8_linear.cast_input(x, self.fp8, "attn.qkv") if self.fp8 else None
+            q = self._linear(x, self.wq, "attn.qkv", xq).view(b, s, self.nhl, self.d)
+            k = self._linear(x, self.wk, "attn.qkv", xq).view(b, s, -1, self.d)[:, :, self.kv_slice[0]:self.kv_slice[1]]
+            v = self._linear(x, self.wv, "attn.qkv", xq).view(b, s, -1, self.d)[:, :, self.kv_slice[0]:self.kv_slice[1]]
             pos = torch.arange(s, device=x.device) + par.index("sp") * s
             q, k = rope(q, pos), rope(k, pos)
             nkvl = k.shape[2]
@@ -98,9 +104,12 @@ class Attention(nn.Module):
         with record_function("attn.sp_a2a_out/fwd"):
             o = comm.heads_to_seq(o, sp_pg)  # [B, S/sp, heads_local, D]
         with record_function("attn.proj/fwd"):
-            y = F.linear(o.reshape(b, s, self.nhl * self.d), self.wo)  # partial sums over tp
+            y = self._linear(o.reshape(b, s, self.nhl * self.d), self.wo, "attn.proj")  # partial sums over tp
         with record_function("attn.tp_rs/fwd"):
             return comm.reduce_scatter(y, 1, tp_pg)
+
+    def _linear(self, x: torch.Tensor, w: torch.Tensor, op: str, xq: fp8_linear.FP8Act | None = None) -> torch.Tensor:
+        return fp8_linear.linear(x, w, self.fp8, op, xq) if self.fp8 else F.linear(x, w)
 
 
 def _qkv_to_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group, n: int):

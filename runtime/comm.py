@@ -122,7 +122,7 @@ def _pack(x: torch.Tensor, wire: str, block: int | None, backend: str) -> tuple[
 
 
 def _unpack(buf: torch.Tensor, cols: int, dtype: torch.dtype, wire: str, block: int | None,
-            backend: str) -> torch.Tensor:
+            backend: str, keep: list | None = None) -> torch.Tensor:
     rows = buf.shape[0]
     if wire == "fp8":
         from runtime.kernels.fp8 import FP8_DTYPE, dequantize_fp8
@@ -130,6 +130,8 @@ def _unpack(buf: torch.Tensor, cols: int, dtype: torch.dtype, wire: str, block: 
         q = buf[:, :cols].contiguous().view(FP8_DTYPE)
         scale = buf[:, cols:].contiguous().view(torch.float32)
         scale = scale.reshape(rows) if block is None else scale
+        if keep is not None:  # the receiver's FP8 GEMM reads payload and scales as they came
+            keep.append((q, scale))
         return dequantize_fp8(q, scale, block, dtype, _kernel_backend(backend, buf.device))
     wire_dtype = torch.bfloat16 if wire == "bf16" else dtype
     return buf.contiguous().view(wire_dtype).to(dtype)
@@ -137,8 +139,9 @@ def _unpack(buf: torch.Tensor, cols: int, dtype: torch.dtype, wire: str, block: 
 
 def all_to_all_async(x: torch.Tensor, in_splits, out_splits, group=None, wire: str = "native",
                      block: int | None = None, stats: CommStats | None = None, name: str = "all_to_all",
-                     backend: str = "auto") -> Pending:
-    """Start an all-to-all of the rows of x [rows, H]; ``in_splits[j]`` rows go to rank j."""
+                     backend: str = "auto", keep: list | None = None) -> Pending:
+    """Start an all-to-all of the rows of x [rows, H]; ``in_splits[j]`` rows go to rank j.
+    ``keep`` (fp8 wire): ``wait()`` also appends the received (e4m3 payload, fp32 scales) to it."""
     if wire not in WIRES:
         raise ValueError(f"wire must be one of {WIRES}, got {wire!r}")
     if x.dim() != 2:
@@ -158,7 +161,7 @@ def all_to_all_async(x: torch.Tensor, in_splits, out_splits, group=None, wire: s
 
     def finish() -> torch.Tensor:
         with record_function(dequant) if dequant else contextlib.nullcontext():
-            return _unpack(out, cols, dtype, wire, block, backend)
+            return _unpack(out, cols, dtype, wire, block, backend, keep)
 
     return Pending(work, finish, nbytes)
 
@@ -203,9 +206,10 @@ class _AllToAllFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, in_splits, out_splits, group, wire, grad_wire, block, stats, name, backend):
+    def forward(ctx, x, in_splits, out_splits, group, wire, grad_wire, block, stats, name, backend, keep=None):
         ctx.meta = (in_splits, out_splits, group, grad_wire, stats, name, backend)
-        y, _ = all_to_all(x, in_splits, out_splits, group, wire, block, stats, name + "/fwd", backend)
+        y = all_to_all_async(x, in_splits, out_splits, group, wire, block, stats, name + "/fwd", backend,
+                             keep).wait()
         return y
 
     @staticmethod
@@ -213,17 +217,18 @@ class _AllToAllFunction(torch.autograd.Function):
         in_splits, out_splits, group, grad_wire, stats, name, backend = ctx.meta
         dx, _ = all_to_all(dy.contiguous(), out_splits, in_splits, group, grad_wire, None, stats,
                            name + "/bwd", backend)
-        return dx, *([None] * 9)
+        return dx, *([None] * 10)
 
 
 def all_to_all_autograd(x: torch.Tensor, in_splits, out_splits, group=None, wire: str = "fp8",
                         grad_wire: str = "bf16", block: int | None = None, stats: CommStats | None = None,
-                        name: str = "all_to_all", backend: str = "auto") -> torch.Tensor:
-    """Differentiable all-to-all; bytes land in stats under ``name/fwd`` and ``name/bwd``."""
+                        name: str = "all_to_all", backend: str = "auto", keep: list | None = None) -> torch.Tensor:
+    """Differentiable all-to-all; bytes land in stats under ``name/fwd`` and ``name/bwd``; ``keep``:
+    see all_to_all_async."""
     if grad_wire == "fp8":
         raise ValueError("grad_wire='fp8' is not supported: gradients go as bf16 or native")
     return _AllToAllFunction.apply(x, _splits(in_splits), _splits(out_splits), group, wire, grad_wire, block,
-                                   stats or STATS, name, backend)
+                                   stats or STATS, name, backend, keep)
 
 
 @dataclass

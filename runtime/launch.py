@@ -96,8 +96,8 @@ def prepare(a) -> tuple[list[str], Path, int]:
         nnodes = int(str(a.nnodes).split(":")[-1])
     except ValueError:
         raise SpecError(f"--nnodes: {a.nnodes!r} is not N or MIN:MAX") from None
-    plan_layout(plan, model, nproc * nnodes)  # SpecError naming the failing constraint
-    check_supported(plan)
+    layout = plan_layout(plan, model, nproc * nnodes)  # SpecError naming the failing constraint
+    check_supported(plan, layout.microbatches)
     for p in a.data:
         if not Path(p).exists():
             raise SpecError(f"--data: {p}: no such file or folder")

@@ -21,6 +21,7 @@ from torch import nn
 from torch.profiler import record_function
 from torch.utils.checkpoint import checkpoint
 
+from perfmodel import pplayout
 from perfmodel.specs import ModelSpec, MoESpec, PlanSpec, SpecError
 from runtime.attention import Attention
 from runtime.groups import Parallel
@@ -44,7 +45,8 @@ class Block(nn.Module):
         super().__init__()
         p = f"layers.{i}"
         self.attn_norm = RMSNorm(f"{p}.attn_norm", spec.hidden)
-        self.attn = Attention(spec, par, f"{p}.attn", seed, selective_recompute=plan.recompute == "selective")
+        fp8 = (plan.precision, plan.fp8_recipe)  # FP8 GEMMs of attention and FFNs (runtime.fp8_linear)
+        self.attn = Attention(spec, par, f"{p}.attn", seed, plan.recompute == "selective", *fp8)
         self.ffn_norm = RMSNorm(f"{p}.ffn_norm", spec.hidden)
         self.is_moe = spec.is_moe_layer(i)
         if self.is_moe:
@@ -52,9 +54,9 @@ class Block(nn.Module):
             ov = plan.overlap
             chunks = ov.chunks if ov.intra_op != "none" else 1  # tile runs as chunk
             self.ffn: nn.Module = MoE(spec, par, f"{p}.moe", seed, plan.global_batch, get_expert_fn(plan.kernels),
-                                      wire, plan.kernels, chunks, ov.inter_op)
+                                      wire, plan.kernels, chunks, ov.inter_op, *fp8)
         else:
-            self.ffn = SwiGLU(f"{p}.ffn", spec.hidden, spec.dense_ffn_hidden or 0, spec.layers, seed)
+            self.ffn = SwiGLU(f"{p}.ffn", spec.hidden, spec.dense_ffn_hidden or 0, spec.layers, seed, *fp8)
         self.full_recompute = plan.recompute == "full"
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -72,11 +74,18 @@ class Block(nn.Module):
 
 
 class Stage(nn.Module):
-    """Layers [lo, hi) of the model; `first` adds the embedding, `last` the norm and LM head."""
+    """Layers [lo, hi) of the model (possibly none); `first` adds the embedding, `last` the norm and LM head.
 
-    def __init__(self, spec: ModelSpec, plan: PlanSpec, par: Parallel, lo: int, hi: int, seed: int):
+    `first`/`last` say whether this is the first / last *virtual* stage of the pipeline (build_stages
+    passes them: under a V placement both sit on pp rank 0, and with an uneven layout a stage next to
+    an empty one also starts at layer 0 or ends at the last layer); omitted, they follow lo and hi.
+    """
+
+    def __init__(self, spec: ModelSpec, plan: PlanSpec, par: Parallel, lo: int, hi: int, seed: int,
+                 first: bool | None = None, last: bool | None = None):
         super().__init__()
-        self.first, self.last = lo == 0, hi == spec.layers
+        self.first = lo == 0 if first is None else first
+        self.last = hi == spec.layers if last is None else last
         if spec.tie_embeddings and not (self.first and self.last):
             raise SpecError("model.tie_embeddings: not supported with pipeline parallelism (pp>1); untie them")
         if self.first:
@@ -105,6 +114,11 @@ class Stage(nn.Module):
                 x = self.norm(x)
             with record_function("head.proj/fwd"):
                 x = F.linear(x, self.head)
+        elif not self.first and not self.layers:
+            # an empty interior stage: give its output a graph node of its own rather than hand back the
+            # received buffer (the pipeline detaches a stage's outputs in place after their backward;
+            # torch 2.13 also copes with the bare identity, the copy keeps it from depending on that)
+            x = x.clone()
         return x
 
     def moe_layers(self) -> dict[int, MoE]:
@@ -112,27 +126,38 @@ class Stage(nn.Module):
         return {int(i): b.ffn for i, b in self.layers.items() if isinstance(b.ffn, MoE)}
 
 
-def check_supported(plan: PlanSpec) -> None:
+def check_supported(plan: PlanSpec, microbatches: int | None = None) -> None:
     """Plan features the runtime does not execute and cannot silently ignore."""
+    if microbatches is not None and plan.schedule == "1f1b" and 1 < plan.pp and microbatches < plan.pp:
+        raise SpecError(f"plan.global_batch: the runtime's 1f1b (torch Schedule1F1B) needs at least pp={plan.pp} "
+                        f"micro-batches per replica, got {microbatches}; raise global_batch or lower micro_batch")
     if plan.etp != 1:
         raise SpecError(f"plan.etp: {plan.etp}: expert tensor parallelism is not supported by the runtime; use etp: 1")
+    if plan.schedule in pplayout.V_SCHEDULES and plan.overlap.inter_op:
+        # the split backward recomputes weight gradients through autograd from each weight's first
+        # consumer node; the deferred-wgrad expert Function (runtime.overlap.experts) returns None for
+        # its weights and writes .grad itself, so that pass fails ("not used in the graph")
+        raise SpecError(f"plan.overlap.inter_op: not supported by the runtime with schedule: {plan.schedule} (its "
+                        f"split input/weight backward cannot run the deferred expert weight gradients; the "
+                        f"schedule defers weight gradients itself); use inter_op: false")
     if plan.overlap.intra_op == "tile" and (not dist.is_initialized() or dist.get_rank() == 0):
         print(f"moeperf run: overlap.intra_op: tile has no tile-level GEMM+communication kernel in this runtime; "
               f"running it as chunk ({plan.overlap.chunks} token chunks)", file=sys.stderr, flush=True)
 
 
-def stage_ranges(layers: int, pp: int, vpp: int) -> list[tuple[int, int]]:
-    """Layer range of every virtual stage, in pipeline order (stage v*pp + p lives on pp rank p)."""
-    n = pp * vpp
-    per = layers // n
-    return [(s * per, (s + 1) * per) for s in range(n)]
-
-
 def build_stages(spec: ModelSpec, plan: PlanSpec, par: Parallel, seed: int) -> list[tuple[int, Stage]]:
-    """(stage index, module) for every virtual stage this rank runs."""
-    pp, pi = par.size("pp"), par.index("pp")
-    ranges = stage_ranges(spec.layers, pp, plan.vpp if pp > 1 else 1)
-    return [(s, Stage(spec, plan, par, *ranges[s], seed)) for s in range(pi, len(ranges), pp)]
+    """(virtual stage index, module) for every virtual stage this rank runs, in chunk order.
+
+    The layers of each virtual stage and the pp rank it runs on come from the one shared layout,
+    `perfmodel.pplayout.resolve` (uneven and explicit `pp_layout`s, loop or V placement); the
+    embedding belongs to virtual stage 0 and the final norm + head to the last one.
+    """
+    layout = pplayout.resolve(spec.layers, plan)
+    if layout.pp != par.size("pp"):
+        raise SpecError(f"plan.pp: {plan.pp} but the pipeline group has {par.size('pp')} ranks")
+    last = layout.n_stages - 1
+    return [(v, Stage(spec, plan, par, *layout.ranges[v], seed, first=v == 0, last=v == last))
+            for v in layout.stages_of(par.index("pp"))]
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor, global_tokens: int) -> torch.Tensor:

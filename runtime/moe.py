@@ -12,6 +12,10 @@ tokens grouped by local expert ([sum(tokens_per_expert), H]), w1/w3 are [E_local
 (`runtime.kernels.expert_ffn`: grouped GEMM + SwiGLU kernels, fed the gate/up weights fused).
 plan.compression.dispatch/combine == "fp8" sends the token all-to-alls as e4m3 with per-token
 scales (runtime.comm.all_to_all_autograd; gradients travel back in bf16).
+plan.precision == "fp8": experts, shared expert and dense FFNs run FP8 GEMMs (runtime.fp8_linear,
+`fp8_expert_fn` for the experts under both kernels settings). With an FP8 dispatch as well, the
+tokens are sent already quantized as fc1 reads them (per token, or 1x128 tiles under blockwise) and
+fc1 takes the received payload and scales as they are (DeepSeek-V3): no dequantize + re-quantize.
 plan.overlap: token chunks pipelined (intra_op chunk; tile runs as chunk), async all-to-alls with
 the shared expert under the combine and expert wgrad deferred under the dispatch gradient
 (inter_op); see runtime/overlap.py. permute/unpermute use runtime.kernels when kernels: triton.
@@ -33,7 +37,7 @@ from torch import nn
 from torch.profiler import record_function
 
 from perfmodel.specs import ModelSpec, SpecError
-from runtime import comm, overlap
+from runtime import comm, fp8_linear, overlap
 from runtime import parallel_ops as pops
 from runtime.groups import Parallel
 from runtime.params import Placement, make_param
@@ -57,6 +61,21 @@ def torch_expert_fn(x: torch.Tensor, tokens_per_expert: torch.Tensor, w1: torch.
     return torch.cat(out, 0) if out else x.new_zeros((0, w2.shape[-1]))
 
 
+def fp8_expert_fn(x: torch.Tensor, tokens_per_expert: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor,
+                  w2: torch.Tensor, recipe: fp8_linear.FP8Recipe, kernels: str = "torch",
+                  xq: fp8_linear.FP8Act | None = None, defer: list | None = None) -> torch.Tensor:
+    """The SwiGLU experts with FP8 grouped GEMMs: x cast once (or xq: cast by the dispatch) for
+    gate and up; defer: queue the weight gradients (inter-op overlap, runtime.overlap)."""
+    c = tokens_per_expert.tolist()
+    with record_function("moe.fc1/fwd"):
+        xq = xq or fp8_linear.cast_input(x, recipe, "moe.fc1", c)
+        g, u = (fp8_linear.grouped(x, w, c, recipe, "moe.fc1", xq, kernels, defer) for w in (w1, w3))
+    with record_function("moe.act/fwd"):
+        a = F.silu(g) * u
+    with record_function("moe.fc2/fwd"):
+        return fp8_linear.grouped(a, w2, c, recipe, "moe.fc2", None, kernels, defer)
+
+
 def get_expert_fn(kernels: str) -> ExpertFn:
     if kernels == "torch":
         return torch_expert_fn
@@ -75,14 +94,23 @@ def get_expert_fn(kernels: str) -> ExpertFn:
 class SwiGLU(nn.Module):
     """Dense SwiGLU FFN (shared expert, dense layers); replicated, it runs on the local tokens."""
 
-    def __init__(self, prefix: str, hidden: int, ffn: int, layers: int, seed: int):
+    def __init__(self, prefix: str, hidden: int, ffn: int, layers: int, seed: int, precision: str = "bf16",
+                 fp8_recipe: str = "tensorwise", ops: tuple[str, str] = ("ffn.fc1", "ffn.fc2")):
         super().__init__()
         self.w1 = make_param(f"{prefix}.w1", (ffn, hidden), seed, 0.02)
         self.w3 = make_param(f"{prefix}.w3", (ffn, hidden), seed, 0.02)
         self.w2 = make_param(f"{prefix}.w2", (hidden, ffn), seed, 0.02 / (2 * layers) ** 0.5)
+        self.fp8 = fp8_linear.recipe_of(precision, fp8_recipe)
+        self.ops = ops  # op-graph names of (w1 and w3, w2): their FP8 casts are profiled as <op>_quant
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.silu(F.linear(x, self.w1)) * F.linear(x, self.w3), self.w2)
+        r = self.fp8
+        if r is None:
+            return F.linear(F.silu(F.linear(x, self.w1)) * F.linear(x, self.w3), self.w2)
+        fc1, fc2 = self.ops
+        xq = fp8_linear.cast_input(x, r, fc1)
+        h = F.silu(fp8_linear.linear(x, self.w1, r, fc1, xq)) * fp8_linear.linear(x, self.w3, r, fc1, xq)
+        return fp8_linear.linear(h, self.w2, r, fc2)
 
 
 class _AttachAux(torch.autograd.Function):
@@ -108,9 +136,11 @@ def in_backward() -> bool:
 class MoE(nn.Module):
     def __init__(self, spec: ModelSpec, par: Parallel, prefix: str, seed: int, global_batch: int,
                  expert_fn: ExpertFn = torch_expert_fn, wire: tuple[str, str] = ("bf16", "bf16"),
-                 kernels: str = "torch", chunks: int = 1, defer_wgrad: bool = False):
+                 kernels: str = "torch", chunks: int = 1, defer_wgrad: bool = False, precision: str = "bf16",
+                 fp8_recipe: str = "tensorwise"):
         super().__init__()
         self.wire = wire  # (dispatch, combine) precision
+        self.fp8 = fp8_linear.recipe_of(precision, fp8_recipe)
         self.kernels = kernels  # permute/unpermute (and deferred-wgrad GEMMs): torch or triton
         self.chunks, self.defer_wgrad = chunks, defer_wgrad  # overlap (see runtime.overlap)
         moe = spec.moe
@@ -126,8 +156,8 @@ class MoE(nn.Module):
         self.w1 = make_param(f"{prefix}.experts.w1", (moe.experts, h, f), seed, 0.02, ex)
         self.w3 = make_param(f"{prefix}.experts.w3", (moe.experts, h, f), seed, 0.02, ex)
         self.w2 = make_param(f"{prefix}.experts.w2", (moe.experts, f, h), seed, 0.02 / (2 * spec.layers) ** 0.5, ex)
-        self.shared = SwiGLU(f"{prefix}.shared", h, spec.shared_ffn_hidden, spec.layers, seed) \
-            if spec.shared_ffn_hidden else None
+        self.shared = SwiGLU(f"{prefix}.shared", h, spec.shared_ffn_hidden, spec.layers, seed, precision, fp8_recipe,
+                             ("moe.shared", "moe.shared")) if spec.shared_ffn_hidden else None
         # step statistics (this rank's share); read and reset by the training loop
         self.register_buffer("tokens_per_expert", torch.zeros(moe.experts), persistent=False)
         self.register_buffer("aux_sum", torch.zeros(()), persistent=False)
@@ -177,26 +207,42 @@ class MoE(nn.Module):
         plain = "bf16" if torch.is_autocast_enabled(device.type) else "native"
         return tuple((w, "bf16") if w == "fp8" else (plain, plain) for w in self.wire)  # type: ignore[return-value]
 
-    def _experts(self, xr: torch.Tensor, recv: torch.Tensor, handle) -> torch.Tensor:
-        """Expert compute on the received rows (ordered source rank, expert) -> same order."""
+    def _experts(self, xr: torch.Tensor, recv: torch.Tensor, handle, wire_fp8: list | None = None) -> torch.Tensor:
+        """Expert compute on the received rows (ordered source rank, expert) -> same order.
+        wire_fp8: [(payload, scales)] of a pre-quantized FP8 dispatch, in the order of xr's rows."""
         expert_of_row = torch.arange(self.El, device=xr.device).repeat(self.ep).repeat_interleave(recv.flatten())
         regroup = torch.argsort(expert_of_row, stable=True)
-        if self.defer_wgrad:  # inter-op overlap: wgrad GEMMs run under the dispatch gradient all-to-all
+        if self.fp8 is not None:
+            counts = recv.sum(0)
+            xq = None
+            if wire_fp8:  # regroup payload and scales with the rows (payload as bytes: not every torch gathers fp8)
+                q, sc = wire_fp8[0]
+                xq = fp8_linear.from_wire(q.view(torch.uint8)[regroup].view(q.dtype), sc[regroup], self.fp8,
+                                          "moe.fc1", counts.tolist())
+            defer = handle.deferred if self.defer_wgrad and self.ep > 1 else None
+            y = fp8_expert_fn(xr[regroup], counts, self.w1, self.w3, self.w2, self.fp8, self.kernels, xq, defer)
+        elif self.defer_wgrad:  # inter-op overlap: wgrad GEMMs run under the dispatch gradient all-to-all
             y = overlap.experts(xr[regroup], recv.sum(0), self.w1, self.w3, self.w2, self.kernels,
                                 handle if self.ep > 1 else None)
         else:
             y = self.expert_fn(xr[regroup], recv.sum(0), self.w1, self.w3, self.w2)
         return y[torch.argsort(regroup)]
 
-    def _send(self, x: torch.Tensor, ins: list[int], outs: list[int], which: int, name: str):
+    def _send(self, x: torch.Tensor, ins: list[int], outs: list[int], which: int, name: str,
+              block: int | None = None, keep: list | None = None):
         pg = self.par.pg("ep")
         if pg is None:
             return _Local(x)
         wire, grad_wire = self._wires(x.device)[which]
         if self.chunks == 1 and not self.defer_wgrad:  # no overlap: one blocking all-to-all
             with record_function(f"{name}/fwd"):  # its backward is attributed to name/dgrad through this span
-                return _Local(comm.all_to_all_autograd(x, ins, outs, pg, wire, grad_wire, name=name))
-        return overlap.start_a2a(x, ins, outs, pg, wire, grad_wire, name)
+                return _Local(comm.all_to_all_autograd(x, ins, outs, pg, wire, grad_wire, block, name=name,
+                                                       keep=keep))
+        return overlap.start_a2a(x, ins, outs, pg, wire, grad_wire, name, block, keep)
+
+    def _pre_quantized(self) -> bool:
+        """precision fp8 + FP8 dispatch: send tokens as fc1's FP8 input (see the module docstring)."""
+        return self.fp8 is not None and self.wire[0] == "fp8" and self.ep > 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, s, h = x.shape
@@ -218,14 +264,17 @@ class MoE(nn.Module):
             recv = pops.exchange_counts(counts.transpose(0, 1).contiguous(), self.par.pg("ep"))  # [src, c, El]
         send_splits = counts.sum(2).tolist()  # [c][peer]
         recv_splits = recv.sum(2).t().tolist()
-        dispatch = [self._send(parts[0][0], send_splits[0], recv_splits[0], 0, "moe.dispatch_a2a")]
+        pre = self._pre_quantized()
+        blk = self.fp8.wire_block if pre and self.fp8 else None
+        kept: list[list | None] = [[] if pre else None for _ in range(nc)]  # filled by each dispatch's wait()
+        dispatch = [self._send(parts[0][0], send_splits[0], recv_splits[0], 0, "moe.dispatch_a2a", blk, kept[0])]
         shared = None
         combine = []
         for c in range(nc):
             if c + 1 < nc:
                 dispatch.append(self._send(parts[c + 1][0], send_splits[c + 1], recv_splits[c + 1], 0,
-                                           "moe.dispatch_a2a"))
-            y = self._experts(dispatch[c].wait(), recv[:, c], dispatch[c])
+                                           "moe.dispatch_a2a", blk, kept[c + 1]))
+            y = self._experts(dispatch[c].wait(), recv[:, c], dispatch[c], kept[c])
             combine.append(self._send(y, recv_splits[c], send_splits[c], 1, "moe.combine_a2a"))
         if self.shared is not None:
             # under the combine all-to-all(s) in flight; in backward (autograd runs the latest-created

@@ -38,6 +38,8 @@ class _State:
     wire: str
     grad_wire: str
     name: str
+    block: int | None = None  # fp8 wire: scale granularity (None: per row)
+    keep: list | None = None  # fp8 wire: receives the (payload, scales) as they came (runtime.comm)
     pending: comm.Pending | None = None
     grad_pending: comm.Pending | None = None
     deferred: list[Callable[[], None]] = field(default_factory=list)
@@ -49,7 +51,7 @@ class _Start(torch.autograd.Function):
         ctx.st = st
         with record_function(f"{st.name}/fwd"):
             st.pending = comm.all_to_all_async(x.detach().contiguous(), st.ins, st.outs, st.group, st.wire,
-                                               name=f"{st.name}/fwd")
+                                               st.block, name=f"{st.name}/fwd", keep=st.keep)
         return x.new_empty(0)  # a token linking the two halves in the graph
 
     @staticmethod
@@ -99,9 +101,9 @@ class A2AHandle:
 
 
 def start_a2a(x: torch.Tensor, in_splits: list[int], out_splits: list[int], group, wire: str, grad_wire: str,
-              name: str) -> A2AHandle:
+              name: str, block: int | None = None, keep: list | None = None) -> A2AHandle:
     """Launch the all-to-all of x's rows (``in_splits[j]`` rows to rank j); ``.wait()`` gives them."""
-    st = _State(list(in_splits), list(out_splits), group, wire, grad_wire, name)
+    st = _State(list(in_splits), list(out_splits), group, wire, grad_wire, name, block, keep)
     return A2AHandle(_Start.apply(x, st), st)
 
 

@@ -89,7 +89,7 @@ def _step_of(line: str) -> float:
 def train(cfg: TrainConfig, par: Parallel, device: torch.device) -> list[dict]:
     spec, plan = cfg.model, cfg.plan
     layout = plan_layout(plan, spec, par.world)
-    check_supported(plan)
+    check_supported(plan, layout.microbatches)
     torch.manual_seed(cfg.seed)
     stages = build_stages(spec, plan, par, cfg.seed)
     modules = [m.to(device) for _, m in stages]
@@ -110,7 +110,7 @@ def train(cfg: TrainConfig, par: Parallel, device: torch.device) -> list[dict]:
     if par.size("pp") > 1:
         logits_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         schedule = make_schedule(stages, spec, par, plan.micro_batch, layout.microbatches, loss_fn, device,
-                                 logits_dtype)
+                                 logits_dtype, plan.schedule, layout.stages)
     meta = {"world": par.world, "plan": plan.model_dump(mode="json"), "model": spec.model_dump(mode="json"),
             "seed": cfg.seed}
     state = {f"r{par.rank}": {"model": {p.full_name: p.data for m in modules for p in m.parameters()},

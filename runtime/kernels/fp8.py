@@ -4,6 +4,12 @@ scale = amax(group) / 448 (so the largest element maps to e4m3's max normal), q 
 clamped to +-448 and rounded to e4m3; x ~= q * scale.  Per-token scales are [M]; per-block
 scales are [M, cdiv(N, block)] (DeepSeek-V3 style 1x128 tiles for activations).  Scales are
 fp32: they travel with the payload in FP8 dispatch (4 bytes per token or per block).
+
+For the FP8 GEMMs of precision: fp8 (runtime/fp8_linear.py) two more granularities, torch only
+(they run once per operand, not per token, so a kernel of their own buys little):
+``quantize_fp8_tensorwise`` (one scale per tensor: Transformer Engine's current scaling) and
+``quantize_fp8_blocks`` (one scale per block x block tile of a 2-D tensor: DeepSeek-V3's 128x128
+weight blocks), each with its dequantize.
 """
 
 from __future__ import annotations
@@ -20,6 +26,19 @@ AMAX_EPS = 1e-12
 
 def _groups(n: int, block: int | None) -> int:
     return 1 if block is None else -(-n // block)
+
+
+_E4M3_TABLE: list[torch.Tensor] = []
+
+
+def fp8_to_float(q: torch.Tensor) -> torch.Tensor:
+    """q.float(): on CPU torch converts e4m3 element by element (~5 ns each, 5x a cast the other
+    way), so there the 256 possible values are looked up in a table: same values, ~3x faster."""
+    if q.device.type != "cpu" or q.dtype != FP8_DTYPE:
+        return q.float()
+    if not _E4M3_TABLE:
+        _E4M3_TABLE.append(torch.arange(256, dtype=torch.int32).to(torch.uint8).view(FP8_DTYPE).float())
+    return _E4M3_TABLE[0].index_select(0, q.reshape(-1).view(torch.uint8).int()).view(q.shape)
 
 
 def quantize_fp8_torch(x: torch.Tensor, block: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,11 +58,54 @@ def quantize_fp8_torch(x: torch.Tensor, block: int | None = None) -> tuple[torch
 
 def dequantize_fp8_torch(q: torch.Tensor, scale: torch.Tensor, block: int | None = None,
                          out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    qf = q.float()
+    qf = fp8_to_float(q)
     if block is None:
         return (qf * scale[:, None]).to(out_dtype)
-    expanded = scale.repeat_interleave(block, dim=1)[:, : q.shape[1]]
+    m, n = q.shape
+    if n == scale.shape[1] * block:  # whole groups: broadcast, no expanded copy of the scales
+        return (qf.view(m, -1, block) * scale[:, :, None]).view(m, n).to(out_dtype)
+    expanded = scale.repeat_interleave(block, dim=1)[:, :n]
     return (qf * expanded).to(out_dtype)
+
+
+def quantize_fp8_tensorwise(x: torch.Tensor, batch_dims: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """x -> (q e4m3, fp32 scale): one scale per tensor (0-dim), or per matrix of a batch (shape
+    x.shape[:batch_dims]); its amax maps to 448."""
+    xf = x.float()
+    dims = tuple(range(batch_dims, x.dim()))
+    scale = xf.abs().amax(dim=dims).clamp_min(AMAX_EPS) / FP8_MAX
+    full = scale.reshape(scale.shape + (1,) * len(dims))
+    return (xf / full).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
+
+
+def dequantize_fp8_tensorwise(q: torch.Tensor, scale: torch.Tensor,
+                              out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return (fp8_to_float(q) * scale.reshape(scale.shape + (1,) * (q.dim() - scale.dim()))).to(out_dtype)
+
+
+def quantize_fp8_blocks(x: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., M, N] -> (q e4m3 [..., M, N], scale fp32 [..., cdiv(M, block), cdiv(N, block)]): one
+    scale per square tile of each matrix (edge tiles are partial: zero padding never raises an amax)."""
+    if x.dim() < 2 or block <= 0:
+        raise ValueError(f"quantize_fp8_blocks: x must be [..., M, N] and block positive, got {tuple(x.shape)}, {block}")
+    *lead, m, n = x.shape
+    gm, gn = _groups(m, block), _groups(n, block)
+    xp = torch.nn.functional.pad(x.float(), (0, gn * block - n, 0, gm * block - m))
+    tiles = xp.view(*lead, gm, block, gn, block)
+    scale = tiles.abs().amax(dim=(-3, -1)).clamp_min(AMAX_EPS) / FP8_MAX
+    q = (tiles / scale[..., :, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return q.view(*lead, gm * block, gn * block)[..., :m, :n].contiguous(), scale
+
+
+def dequantize_fp8_blocks(q: torch.Tensor, scale: torch.Tensor, block: int = 128,
+                          out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    *lead, m, n = q.shape
+    gm, gn = scale.shape[-2:]
+    if (m, n) == (gm * block, gn * block):  # whole tiles: broadcast, no expanded copy of the scales
+        tiles = fp8_to_float(q).view(*lead, gm, block, gn, block) * scale[..., :, None, :, None]
+        return tiles.view(q.shape).to(out_dtype)
+    full = scale.repeat_interleave(block, dim=-2)[..., :m, :].repeat_interleave(block, dim=-1)[..., :n]
+    return (fp8_to_float(q) * full).to(out_dtype)
 
 
 if triton_import_error() is None:
