@@ -5,6 +5,8 @@
   layer_gantt.png        one layer's forward and backward on the best plan's streams
   pipeline.png           the best plan's whole iteration per pipeline stage
   variants.png           best tokens/s per what-if variant (studies with variants)
+  scaling.png            tokens/s per GPU vs GPU count of each fixed plan, predicted and the paper's
+                         (studies whose variants differ in GPU count)
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from perfmodel.report_doc import LABELS, breakdown_of  # noqa: E402
 from perfmodel.search import BREAKDOWN_KEYS, Row, SearchResult  # noqa: E402
 
 DPI = 110
-FIGURES = ("throughput_memory.png", "breakdown.png", "variants.png", "layer_gantt.png", "pipeline.png")
+FIGURES = ("throughput_memory.png", "breakdown.png", "variants.png", "scaling.png", "layer_gantt.png", "pipeline.png")
 COLORS = {"compute_s": "#4C72B0", "exposed_comm_s": "#DD8452", "bubble_s": "#BBBBBB", "grad_sync_s": "#C44E52",
           "optimizer_s": "#8172B3", "other_s": "#937860"}
 PHASE_COLORS = {"fwd": "#4C72B0", "dgrad": "#DD8452", "wgrad": "#55A868", "recompute": "#8172B3", "other": "#999999"}
@@ -244,6 +246,46 @@ def variants_chart(result: SearchResult, path: Path) -> None:
     _save(fig, path)
 
 
+def scaling_chart(result: SearchResult, path: Path) -> bool:
+    """Tokens/s per GPU against the GPU count: each fixed plan predicted (solid) and, where the study's
+    reference has `tokens_per_s.<plan>[@<variant>]`, the paper's (dashed). False when the variants do
+    not differ in GPU count."""
+    variants = sorted(result.variants, key=lambda v: v.world)
+    if len({v.world for v in variants}) < 2:
+        return False
+    ref, first = result.study.reference, result.variants[0].name
+    names = list(dict.fromkeys(r.plan.name for r in result.fixed()))
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    top = 0.0
+    for i, name in enumerate(names):
+        color = VARIANT_COLORS[i % 10]
+        pred = [(v.world, r.tokens_per_s / v.world) for v in variants for r in result.fixed(v.name)
+                if r.plan.name == name and r.metrics]
+        paper = [(v.world, ref[k] / v.world) for v in variants
+                 if (k := f"tokens_per_s.{name}" + ("" if v.name == first else f"@{v.name}")) in ref]
+        if pred:
+            ax.plot(*zip(*pred, strict=True), marker="o", color=color, lw=1.8, label=f"{name}: predicted")
+        if paper:
+            ax.plot(*zip(*paper, strict=True), marker="s", mfc="none", ls="--", color=color, lw=1.4,
+                    label=f"{name}: paper")
+        published = dict(paper)
+        for x, y in pred:
+            if x in published:
+                err = 100 * (y / published[x] - 1)
+                ax.annotate(f"{err:+.1f} %" if abs(err) >= 0.05 else "0.0 %", (x, y), xytext=(4, 6),
+                            textcoords="offset points", fontsize=8, color=color)
+        top = max([top] + [y for _, y in pred + paper])
+    ax.set_xticks([v.world for v in variants], [f"{v.world:,}" for v in variants])
+    ax.set_xlabel("GPUs")
+    ax.set_ylabel("tokens/s per GPU")
+    ax.set_title(f"{result.study.name}: tokens/s per GPU (labels: predicted vs paper)")
+    ax.set_ylim(0, 1.12 * top or 1.0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=9, loc="lower left")
+    _save(fig, path)
+    return True
+
+
 def draw_all(result: SearchResult, out: Path, *, traced: Any, best: Row | None, top: int) -> list[tuple[str, str]]:
     """Draw every figure that has data; returns (file, caption) in report order."""
     made: list[tuple[str, str]] = []
@@ -257,6 +299,9 @@ def draw_all(result: SearchResult, out: Path, *, traced: Any, best: Row | None, 
     if len(result.variants) > 1:
         variants_chart(result, out / "variants.png")
         made.append(("variants.png", "Best predicted tokens/s per what-if variant (label: its parallel layout)."))
+        if scaling_chart(result, out / "scaling.png"):
+            made.append(("scaling.png", "Tokens/s per GPU against GPU count for each fixed plan: predicted "
+                         "(solid) and the paper's (dashed, where the study's reference gives it)."))
     if traced is not None and best is not None:
         if layer_gantt(traced.timeline, f"One layer of the best plan ({best.plan.name}) on its streams",
                        out / "layer_gantt.png"):

@@ -7,8 +7,12 @@ group (forward; recompute + backward) with stage 0's group placement, in a simpy
 its compute and collectives share the rank's resources. Each virtual stage's time is the sum
 of its own layers' (perfmodel.pplayout: uneven layouts; + embedding on the first virtual stage,
 the head on the last), split into forward, backward and its wgrad part; the plan's schedule
-(perfmodel.sim.pipeline: 1F1B, interleaved, ZB-V, DualPipeV with F&B overlap) is run on them; then DP gradient sync (exposed or overlapped with the last
-micro-batch's backward / the next forward's parameter gather) and the optimizer step.
+(perfmodel.sim.pipeline: 1F1B, interleaved, ZB-V, DualPipeV with F&B overlap) is run on them;
+then DP gradient sync and the optimizer step. Overlapped, the sync runs per model chunk (virtual
+stage) on one DP channel per rank: a chunk's reduction starts during its last backward and runs
+under the rest of the rank's cool-down, the next iteration's parameter gathers run ahead of each
+chunk's first forward; only what outlasts the rank's last action, or what a first forward waits
+for, is exposed (_overlapped_sync).
 
 Breakdown (of the busiest pipeline rank; `critical_stage` in details): compute_s (busy compute
 of its micro-batches), exposed_comm_s (layer comm not hidden under compute), bubble_s (the rest
@@ -25,8 +29,9 @@ from perfmodel.collectives import CollectiveCost, collective_cost, latency_steps
 from perfmodel.hardware import Hardware
 from perfmodel.layout import rank_group_index, rank_groups
 from perfmodel.opgraph import Op, OpGraph
+from perfmodel.pplayout import StageLayout
 from perfmodel.sim.layer import LayerRun, run_layer
-from perfmodel.sim.pipeline import run_schedule
+from perfmodel.sim.pipeline import PipelineRun, run_schedule
 from perfmodel.sim.result import SimResult
 from perfmodel.sim.timeline import build_timeline
 from perfmodel.specs import ClusterSpec, CollectiveFit, ModelSpec, PlanSpec, ProfileSpec, check_precision
@@ -70,6 +75,58 @@ class _Ctx:
         steps = latency_steps(op.collective or "", len(g), self.exponent)
         return CollectiveCost(fit.latency_us * 1e-6 * steps, per_payload / (fit.bw_GBps * 1e9), cost.link_class,
                               f"{cost.algorithm}+calibrated")
+
+
+def _sync_chunks(graph: OpGraph, ctx: _Ctx, s: int) -> tuple[float, float, list[tuple[int, float, float]]]:
+    """Rank s's DP gradient reduction and parameter gather times, and their split over its virtual
+    stages (model chunks): (v, reduce_s, gather_s) per chunk, by the chunk's share of each sync
+    group's parameters (the embedding with virtual stage 0, the output head with the last)."""
+    st = graph.layout.stages
+    mine = st.stages_of(s)
+    share: dict[int, dict[str, float]] = {}
+    for v in mine:
+        share[v] = {"dp_sp": 0.0, "edp": 0.0}
+        for kind in graph.vstage_layer_kinds(v):
+            for g, k in graph.layers[kind].params.items():
+                share[v][g] += k
+    total = graph.stage_params(s)
+    ends = [v for v in mine if v in (0, st.n_stages - 1)] or mine[:1]
+    for g in share[mine[0]]:  # what the layers do not hold: embedding / head parameters
+        extra = total[g] - sum(share[v][g] for v in mine)
+        for v in ends:
+            share[v][g] += extra / len(ends)
+    sums, per = [0.0, 0.0], {v: [0.0, 0.0] for v in mine}  # [reduce, gather]
+    for op in graph.grad_sync_ops(s):
+        t, i, g = ctx.cost(op, s).time_s(op.bytes), int(op.name == "dp.param_gather"), op.group or ""
+        sums[i] += t
+        for v in mine:
+            per[v][i] += t * share[v][g] / total[g]
+    return sums[0], sums[1], [(v, r, g) for v, (r, g) in per.items()]
+
+
+def _overlapped_sync(chunks: list[tuple[int, float, float]], pipe: PipelineRun, finish_s: float, F: list[float],
+                     B: list[float], st: StageLayout) -> tuple[float, float]:
+    """Overlapped DP sync of one pipeline rank on a model-chunk basis (MegaScale, arXiv 2402.15627
+    s.3.2; Megatron-LM's overlap_grad_reduce / overlap_param_gather): one DP channel per rank runs
+    the collectives in turn, each chunk's in per-layer buckets. A chunk's gradient reduction starts
+    during its last backward (buckets become ready layer by layer) and may run under the rest of the
+    rank's cool-down; what outlasts the rank's last action is exposed. The next iteration's gathers
+    run in forward order from the step's start; a chunk's first bucket must arrive before its first
+    forward starts and all of them before that forward ends, or the rank waits (rank 0's first chunk
+    always does: its first forward is the step's first action). Returns (exposed reduction, delay)."""
+    free = 0.0
+    for v, r, _ in sorted(chunks, key=lambda c: pipe.grads_ready_s[c[0]]):
+        ready, k = pipe.grads_ready_s[v], max(1, st.ranges[v][1] - st.ranges[v][0])
+        free = max(max(free, ready - B[v]) + r, ready + r / k)
+    exp_r = max(0.0, free - finish_s)
+    free = delay = 0.0
+    for v, _, g in sorted(chunks, key=lambda c: pipe.first_fwd_s[c[0]]):
+        if g <= 0:
+            continue
+        k, start = max(1, st.ranges[v][1] - st.ranges[v][0]), pipe.first_fwd_s[v]
+        delay = max(delay, free + g / k - start, free + g - start - F[v])
+        free += g
+    return exp_r, delay
 
 
 def _serial_s(ops: tuple[Op, ...] | list[Op], hw: Hardware) -> float:
@@ -144,28 +201,24 @@ def simulate(model: ModelSpec, cluster: ClusterSpec, plan: PlanSpec, profile: Pr
     pipe = run_schedule(st, plan.schedule if L.pp > 1 else "1f1b", m, F, B, W, p2p_s, fb_s, record=trace)
 
     host_s = profile.step_overhead_us * 1e-6  # per-step host time (calibrated; 0 on presets)
-    totals, syncs = [], []
+    syncs, tails, delays = [], [], []
     for s in range(L.pp):
-        red = gat = 0.0
-        for op in graph.grad_sync_ops(s):
-            t = ctx.cost(op, s).time_s(op.bytes)
-            if op.name == "dp.param_gather":
-                gat += t
-            else:
-                red += t
+        red, gat, chunks = _sync_chunks(graph, ctx, s)
         if plan.overlap.grad_sync:
-            buckets = max(1, len(st.layers_of(s)))
-            mine = st.stages_of(s)
-            # the last backward chunk of this rank / the first forward chunk hide the sync
-            exp_r = max(red / buckets, red - B[mine[0]])
-            exp_g = max(gat / buckets, gat - F[mine[0]])
-            exposed = exp_r + exp_g + slow * ((red - exp_r) + (gat - exp_g))
+            exp_r, delay = _overlapped_sync(chunks, pipe, pipe.finish_s[s], F, B, st)
+            hidden = slow * max(0.0, red + gat - exp_r - delay)  # compute slowed while the hidden part runs
         else:
-            exposed = red + gat
+            exp_r, delay, hidden = red + gat, 0.0, 0.0
         # FP8 plans: the optimizer step is followed by the FP8 weight copies (+ transposes), once per step
         opt = hw.compute_s(graph.optimizer_op(s)) + _serial_s(graph.fp8_weight_cast_ops(s), hw)
-        syncs.append((red, gat, exposed, opt))
-        totals.append(pipe.finish_s[s] + exposed + opt + host_s)
+        syncs.append([red, gat, exp_r + hidden, opt])
+        tails.append(exp_r + hidden + opt + host_s)
+        delays.append(delay)
+    # a parameter gather that a rank's first forward waits for delays the whole pipeline behind it
+    delay = max(delays)
+    totals = [delay + pipe.finish_s[s] + tails[s] for s in range(L.pp)]
+    for sy in syncs:
+        sy[2] += delay
     step = max(totals)
     # the breakdown is the busiest rank's (its own work + everything it waits for = the step): with
     # uneven stages the rank that finishes last may be a light one waiting on the others, whose

@@ -21,7 +21,7 @@ Closed forms with uniform stages, zero p2p and m micro-batches (tests/perfmodel/
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 from perfmodel.pplayout import StageLayout
@@ -44,6 +44,10 @@ class PipelineRun:
     finish_s: list[float]  # per rank: when its last action ends
     busy_s: list[float]  # per rank: sum of its action durations
     spans: list[Span]
+    # per virtual stage: when its weight gradients are final (its last W / BW / FB ends; the DP
+    # reduction of that chunk may start) and when its first forward starts (its parameters are needed)
+    grads_ready_s: list[float] = field(default_factory=list)
+    first_fwd_s: list[float] = field(default_factory=list)
 
     @property
     def step_s(self) -> float:
@@ -298,7 +302,9 @@ def run_schedule(stages: StageLayout, schedule: str, m: int, fwd_s: list[float],
         pos[r], free[r] = i, t_free
     if any(pos[r] < len(plans[r]) for r in range(pp)):  # pragma: no cover - the orders cannot deadlock
         raise RuntimeError(f"pipeline schedule {schedule} deadlocked")
-    return PipelineRun(free, busy, spans)
+    ready = [max(done[(_W * n + v) * m + mb] for mb in range(m)) for v in range(n)]
+    first = [done[(_F * n + v) * m] - fwd_s[v] for v in range(n)]  # every schedule's first F of a chunk is a plain F
+    return PipelineRun(free, busy, spans, ready, first)
 
 
 def run_pipeline(fwd_s: list[float], bwd_s: list[float], m: int, vpp: int = 1, p2p_s: float = 0.0) -> PipelineRun:
