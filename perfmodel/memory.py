@@ -192,11 +192,14 @@ def in_flight(plan: PlanSpec, stage: int, microbatches: int) -> float:
     return out
 
 
-def stage_activation_bytes(model: ModelSpec, plan: PlanSpec, lay: Layout, stage: int) -> float:
+def stage_activation_bytes(model: ModelSpec, plan: PlanSpec, lay: Layout, stage: int,
+                           per_layer: dict[bool, float] | None = None) -> float:
+    """`per_layer`: layer_activation_bytes of a MoE (True) and a dense (False) layer, when the
+    caller has them (estimate_stages computes them once for every stage)."""
     n_moe, n_dense = stage_layers(model, plan, stage)
-    g = fp8_saved_bytes(plan)
-    per_mb = (n_moe * layer_activation_bytes(model, lay, True, plan.recompute, g)
-              + n_dense * layer_activation_bytes(model, lay, False, plan.recompute, g))
+    if per_layer is None:
+        per_layer = _per_layer(model, plan, lay)
+    per_mb = n_moe * per_layer[True] + n_dense * per_layer[False]
     total = per_mb * in_flight(plan, stage, lay.microbatches)
     if plan.recompute == "full":  # one layer's working set while it is recomputed
         kinds = [k for k, c in ((True, n_moe), (False, n_dense)) if c]
@@ -204,6 +207,11 @@ def stage_activation_bytes(model: ModelSpec, plan: PlanSpec, lay: Layout, stage:
     if _ends(model, plan, stage)[1]:  # bf16 logits + fp32 softmax for the loss, vocab-parallel
         total += (BF16 + FP32) * _tokens(model, lay) * model.vocab
     return total
+
+
+def _per_layer(model: ModelSpec, plan: PlanSpec, lay: Layout) -> dict[bool, float]:
+    g = fp8_saved_bytes(plan)
+    return {k: layer_activation_bytes(model, lay, k, plan.recompute, g) for k in (True, False)}
 
 
 def buffer_bytes(model: ModelSpec, plan: PlanSpec, lay: Layout) -> float:
@@ -226,7 +234,8 @@ def buffer_bytes(model: ModelSpec, plan: PlanSpec, lay: Layout) -> float:
 
 
 # ------------------------------------------------------------------------------ total
-def _estimate_stage(model: ModelSpec, plan: PlanSpec, lay: Layout, profile: ProfileSpec, stage: int) -> MemoryEstimate:
+def _estimate_stage(model: ModelSpec, plan: PlanSpec, lay: Layout, profile: ProfileSpec, stage: int,
+                    per_layer: dict[bool, float] | None = None) -> MemoryEstimate:
     dense, expert = stage_params(model, plan, stage)
     grad_bytes = BF16 if plan.compression.grad_sync == "bf16" else FP32
     if plan.distributed_optimizer:
@@ -237,7 +246,7 @@ def _estimate_stage(model: ModelSpec, plan: PlanSpec, lay: Layout, profile: Prof
         (BF16 * (dense + expert) + 2 * fp8_gemm_params(model, plan, stage)) / GiB,
         grad_bytes * (dense + expert) / GiB,
         opt / GiB,
-        stage_activation_bytes(model, plan, lay, stage) / GiB,
+        stage_activation_bytes(model, plan, lay, stage, per_layer) / GiB,
         buffer_bytes(model, plan, lay) / GiB,
     ]
     total = sum(parts)
@@ -249,7 +258,8 @@ def _estimate_stage(model: ModelSpec, plan: PlanSpec, lay: Layout, profile: Prof
 def estimate_stages(model: ModelSpec, plan: PlanSpec, world: int, profile: ProfileSpec) -> list[MemoryEstimate]:
     """One estimate per pipeline stage. Raises SpecError for a plan that cannot be laid out."""
     lay = plan_layout(plan, model, world)
-    return [_estimate_stage(model, plan, lay, profile, s) for s in range(plan.pp)]
+    per_layer = _per_layer(model, plan, lay)
+    return [_estimate_stage(model, plan, lay, profile, s, per_layer) for s in range(plan.pp)]
 
 
 def estimate_memory(model: ModelSpec, plan: PlanSpec, world: int, profile: ProfileSpec) -> MemoryEstimate:

@@ -156,6 +156,9 @@ def _backward(fwd: list[Op], recompute: str) -> list[Op]:
     return out
 
 
+_LAYERS: dict[tuple, tuple[ModelSpec, dict[str, LayerGraph]]] = {}  # OpGraph.layers, shared
+
+
 @dataclass(frozen=True)
 class LayerGraph:
     kind: str  # moe | dense
@@ -209,23 +212,42 @@ class OpGraph:
 
     @cached_property
     def layers(self) -> dict[str, LayerGraph]:
+        # a layer's ops depend on the model, tp/sp/ep/etp and these plan fields only (not on dp, pp,
+        # the schedule or the batch): plans of a search that differ elsewhere share them
+        p, L = self.plan, self.layout
+        key = (id(self.model), L.tp, L.sp, L.ep, L.etp, p.micro_batch, p.recompute, p.compression.dispatch,
+               p.compression.combine, p.overlap.intra_op != "none" and p.overlap.chunks, p.precision,
+               p.fp8_recipe)
+        hit = _LAYERS.get(key)
+        if hit is not None and hit[0] is self.model:  # id() reused by a new model: rebuild
+            return hit[1]
         out = {}
         if self.model.n_moe_layers:
             out["moe"] = self._layer(moe=True)
         if self.model.n_dense_layers:
             out["dense"] = self._layer(moe=False)
+        if len(_LAYERS) > 4096:
+            _LAYERS.clear()
+        _LAYERS[key] = (self.model, out)
         return out
 
     def _kind(self, i: int) -> str:
         return "moe" if self.model.is_moe_layer(i) else "dense"
 
+    def _memo(self, key: tuple, fn):
+        """Per-graph memo of stage-level derived values (the simulator asks for them per rank, often)."""
+        memo = self.__dict__.setdefault("_memo_", {})
+        if key not in memo:
+            memo[key] = fn()
+        return memo[key]
+
     def vstage_layer_kinds(self, v: int) -> list[str]:
         """Layer kinds of virtual stage v (pipeline order; perfmodel.pplayout)."""
-        return [self._kind(i) for i in range(*self.layout.stages.ranges[v])]
+        return list(self._memo(("v", v), lambda: tuple(self._kind(i) for i in range(*self.layout.stages.ranges[v]))))
 
     def stage_layer_kinds(self, stage: int) -> list[str]:
         """Layer kinds held by pipeline rank `stage` (all its virtual stages)."""
-        return [self._kind(i) for i in self.layout.stages.layers_of(stage)]
+        return list(self._memo(("s", stage), lambda: tuple(self._kind(i) for i in self.layout.stages.layers_of(stage))))
 
     def holds_embedding(self, stage: int) -> bool:
         return self.layout.stages.rank_of(0) == stage
@@ -380,6 +402,9 @@ class OpGraph:
 
     def stage_params(self, stage: int) -> dict[str, float]:
         """Local parameters of a stage's rank per sync group (embeddings on the first/last stage)."""
+        return dict(self._memo(("params", stage), lambda: self._stage_params(stage)))
+
+    def _stage_params(self, stage: int) -> dict[str, float]:
         out = {"dp_sp": 0.0, "edp": 0.0}
         for kind in self.stage_layer_kinds(stage):
             for g, n in self.layers[kind].params.items():
@@ -393,6 +418,9 @@ class OpGraph:
 
     def grad_sync_ops(self, stage: int) -> tuple[Op, ...]:
         """Gradient reduction (+ parameter all-gather with a distributed optimizer) per sync group."""
+        return self._memo(("sync", stage), lambda: self._grad_sync_ops(stage))
+
+    def _grad_sync_ops(self, stage: int) -> tuple[Op, ...]:
         L, p = self.layout, self.plan
         sizes = {"dp_sp": L.dp * L.sp, "edp": L.edp}
         wire = BYTES[p.compression.grad_sync]
@@ -421,7 +449,8 @@ class OpGraph:
     def model_flops_per_iteration(self) -> float:
         """Useful FLOPs of one iteration (GEMM + attention, fwd + bwd, no recomputation), all ranks."""
         L = self.layout
-        per_mb = sum(self.layer_flops(self._kind(i)) for i in range(self.model.layers))
+        kinds = [self._kind(i) for i in range(self.model.layers)]
+        per_mb = sum(kinds.count(k) * self.layer_flops(k) for k in set(kinds))
         per_mb += sum(op.flops for op in self.head_ops if op.phase != "recompute")
         return per_mb * L.microbatches * L.dp * L.tp * L.sp
 

@@ -23,7 +23,7 @@ add up to step_time_s.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from perfmodel.collectives import CollectiveCost, collective_cost, latency_steps
 from perfmodel.hardware import Hardware
@@ -59,12 +59,22 @@ class _Ctx:
     reps: tuple[int, ...]  # representative rank of each stage
     fits: dict[str, CollectiveFit]  # calibrated alpha-beta per "collective.group" or "collective"
     exponent: float = 1.0  # calibrated latency growth with group size (ProfileSpec.latency_exponent)
+    memo: dict[tuple, CollectiveCost] = field(default_factory=dict)
 
     def group(self, kind: str, stage: int) -> tuple[int, ...]:
         return self.index[kind][self.reps[stage]]
 
     def cost(self, op: Op, stage: int = 0) -> CollectiveCost:
         g = self.group(op.group or "", stage)
+        # the cost depends on the collective, its group and the imbalance only (bytes are applied by
+        # the caller): one evaluation per distinct triple (gradient syncs repeat on every rank)
+        key = (op.collective, op.group, op.imbalance, g, op.bytes > 0)
+        hit = self.memo.get(key)
+        if hit is None:
+            hit = self.memo[key] = self._cost(op, g)
+        return hit
+
+    def _cost(self, op: Op, g: tuple[int, ...]) -> CollectiveCost:
         cost = collective_cost(self.topo, op.collective or "", g, op.imbalance, len(self.groups[op.group or ""]))
         fit = self.fits.get(f"{op.collective}.{op.group}") or self.fits.get(op.collective or "")
         if fit is None or op.bytes <= 0:
