@@ -18,7 +18,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.profiler import record_function
 from torch.utils.checkpoint import checkpoint
 
 from perfmodel.specs import ModelSpec
@@ -26,6 +25,7 @@ from runtime import fp8_linear
 from runtime import parallel_ops as comm
 from runtime.groups import Parallel
 from runtime.params import REPLICATED, Placement, make_param
+from runtime.spans import span
 
 
 def rope(x: torch.Tensor, positions: torch.Tensor, theta: float = 10000.0) -> torch.Tensor:
@@ -77,10 +77,10 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         par = self.par
         tp_pg, sp_pg, sp = par.pg("tp"), par.pg("sp"), par.size("sp")
-        with record_function("attn.tp_ag/fwd"):
+        with span("attn.tp_ag/fwd"):
             x = comm.all_gather(x, 1, tp_pg)  # [B, S/sp, H]
         b, s, _ = x.shape
-        with record_function("attn.qkv/fwd"):
+        with span("attn.qkv/fwd"):
             xq = fp8_linear.cast_input(x, self.fp8, "attn.qkv") if self.fp8 else None
             q = self._linear(x, self.wq, "attn.qkv", xq).view(b, s, self.nhl, self.d)
             k = self._linear(x, self.wk, "attn.qkv", xq).view(b, s, -1, self.d)[:, :, self.kv_slice[0]:self.kv_slice[1]]
@@ -91,9 +91,9 @@ class Attention(nn.Module):
             if nkvl % sp:  # too few kv heads to split over sp: repeat them up to the q heads
                 k = k.repeat_interleave(self.nhl // nkvl, dim=2)
                 v = v.repeat_interleave(self.nhl // nkvl, dim=2)
-        with record_function("attn.sp_a2a_in/fwd"):
+        with span("attn.sp_a2a_in/fwd"):
             q, k, v = _qkv_to_heads(q, k, v, sp_pg, sp)  # [B, S, heads/sp, D]
-        with record_function("attn.core/fwd"):
+        with span("attn.core/fwd"):
             rep = q.shape[2] // k.shape[2]
             if rep > 1:
                 k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
@@ -101,11 +101,11 @@ class Attention(nn.Module):
                 o = checkpoint(_core, q, k, v, use_reentrant=False)
             else:
                 o = _core(q, k, v)
-        with record_function("attn.sp_a2a_out/fwd"):
+        with span("attn.sp_a2a_out/fwd"):
             o = comm.heads_to_seq(o, sp_pg)  # [B, S/sp, heads_local, D]
-        with record_function("attn.proj/fwd"):
+        with span("attn.proj/fwd"):
             y = self._linear(o.reshape(b, s, self.nhl * self.d), self.wo, "attn.proj")  # partial sums over tp
-        with record_function("attn.tp_rs/fwd"):
+        with span("attn.tp_rs/fwd"):
             return comm.reduce_scatter(y, 1, tp_pg)
 
     def _linear(self, x: torch.Tensor, w: torch.Tensor, op: str, xq: fp8_linear.FP8Act | None = None) -> torch.Tensor:

@@ -23,13 +23,13 @@ which is what the simulator prices.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
-from torch.profiler import record_function
+
+from runtime.spans import span
 
 WIRES = ("native", "bf16", "fp8")
 
@@ -152,7 +152,7 @@ def all_to_all_async(x: torch.Tensor, in_splits, out_splits, group=None, wire: s
         raise ValueError(f"all_to_all: splits {ins} -> {outs} do not fit {x.shape[0]} rows on {world} ranks")
     cols, dtype = x.shape[1], x.dtype
     quant, dequant = _quant_spans(name, wire)
-    with record_function(quant) if quant else contextlib.nullcontext():
+    with span(quant):
         buf, row_bytes = _pack(x, wire, block, backend)
     out = torch.empty(sum(outs), row_bytes, dtype=torch.uint8, device=x.device)
     work = dist.all_to_all_single(out, buf, outs, ins, group=group, async_op=True)
@@ -160,7 +160,7 @@ def all_to_all_async(x: torch.Tensor, in_splits, out_splits, group=None, wire: s
     (stats or STATS).add(name, nbytes)
 
     def finish() -> torch.Tensor:
-        with record_function(dequant) if dequant else contextlib.nullcontext():
+        with span(dequant):
             return _unpack(out, cols, dtype, wire, block, backend, keep)
 
     return Pending(work, finish, nbytes)

@@ -38,7 +38,6 @@ from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
-from torch.profiler import record_function
 from torch.utils.weak import WeakTensorKeyDictionary
 
 from runtime.kernels.fp8 import (
@@ -53,6 +52,8 @@ from runtime.kernels.fp8 import (
     quantize_fp8_tensorwise,
     quantize_fp8_torch,
 )
+from runtime.kernels.grouped_gemm import grouped_mm, grouped_mm_wgrad
+from runtime.spans import span
 
 BLOCK = 128
 CASTS: Counter[str] = Counter()  # "<op>:<operand>" (x, xT, dy, w) -> casts made; tests read it
@@ -120,7 +121,20 @@ class FP8Tensor:
         return self.value
 
 
-def _cast_rows(t: torch.Tensor, recipe: FP8Recipe, counts: list[int] | None) -> FP8Tensor:
+def _counts(counts, device: torch.device) -> torch.Tensor | None:
+    """Per-expert row counts as an int64 tensor on device (a list from tests, a device tensor from the
+    MoE layer: kept there, so no cast or GEMM below reads it on the host)."""
+    if counts is None:
+        return None
+    return torch.as_tensor(counts, dtype=torch.int64).to(device)
+
+
+def _segments(c: torch.Tensor, rows: int) -> torch.Tensor:
+    """[M] expert of each row; output_size given, so CUDA needs no host read to size it."""
+    return torch.repeat_interleave(torch.arange(c.numel(), device=c.device), c, output_size=rows)
+
+
+def _cast_rows(t: torch.Tensor, recipe: FP8Recipe, counts: torch.Tensor | None) -> FP8Tensor:
     """t [M, C] as an operand contracted over C (x in forward, dy in dgrad)."""
     if recipe.tile:
         return FP8Tensor(*quantize_fp8_torch(t, recipe.tile), "tile")
@@ -128,13 +142,13 @@ def _cast_rows(t: torch.Tensor, recipe: FP8Recipe, counts: list[int] | None) -> 
         return FP8Tensor(*quantize_fp8_tensorwise(t), "tensor")
     # one scale per expert's rows, kept per row (what a row-scaled grouped GEMM reads); a scatter,
     # so experts without rows need no special case
-    seg = torch.repeat_interleave(torch.arange(len(counts), device=t.device), torch.tensor(counts, device=t.device))
-    amax = t.new_zeros(len(counts), dtype=torch.float32).scatter_reduce(0, seg, t.float().abs().amax(1), "amax")
+    seg = _segments(counts, t.shape[0])
+    amax = t.new_zeros(counts.numel(), dtype=torch.float32).scatter_reduce(0, seg, t.float().abs().amax(1), "amax")
     scale = amax.clamp_min(AMAX_EPS)[seg] / FP8_MAX
     return FP8Tensor((t.float() / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale, "row")
 
 
-def _cast_cols(t: torch.Tensor, recipe: FP8Recipe, counts: list[int] | None,
+def _cast_cols(t: torch.Tensor, recipe: FP8Recipe, counts: torch.Tensor | None,
                rows: FP8Tensor | None = None) -> FP8Tensor:
     """t [M, C] as an operand contracted over M (x and dy in wgrad): the transposed copy."""
     if not recipe.tile:  # a scale per tensor does not care about the layout: reuse the row cast
@@ -142,14 +156,16 @@ def _cast_cols(t: torch.Tensor, recipe: FP8Recipe, counts: list[int] | None,
     if counts is None:
         return FP8Tensor(*quantize_fp8_torch(t.t(), recipe.tile), "tile", transposed=True)
     # 128x1 tiles never straddle two experts: tile k of expert e holds its rows [128k, 128k + 128)
-    dev = t.device
-    c = torch.tensor(counts, device=dev)
-    seg = torch.repeat_interleave(torch.arange(len(counts), device=dev), c)
-    pos = torch.arange(t.shape[0], device=dev) - (torch.cumsum(c, 0) - c)[seg]
+    dev, c, m = t.device, counts, t.shape[0]
+    seg = _segments(c, m)
+    pos = torch.arange(m, device=dev) - (torch.cumsum(c, 0) - c)[seg]
     tiles = (c + recipe.tile - 1) // recipe.tile
     tile = (torch.cumsum(tiles, 0) - tiles)[seg] + pos // recipe.tile  # [M]
     tf = t.float()
-    amax = tf.new_zeros(int(tiles.sum()), t.shape[1]).scatter_reduce_(0, tile[:, None].expand_as(tf), tf.abs(), "amax")
+    # sum_e ceil(c_e / 128) < M / 128 + E: a buffer of that many tiles needs no host read of the counts
+    # (the unused tail stays zero and is never gathered)
+    n_tiles = m // recipe.tile + c.numel()
+    amax = tf.new_zeros(n_tiles, t.shape[1]).scatter_reduce_(0, tile[:, None].expand_as(tf), tf.abs(), "amax")
     scale = amax.clamp_min(AMAX_EPS)[tile] / FP8_MAX
     value = fp8_to_float((tf / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)) * scale
     return FP8Tensor(None, None, "value", value=value)
@@ -173,7 +189,7 @@ def fp8_weight(w: torch.Tensor, recipe: FP8Recipe) -> FP8Tensor:
     hit = _WEIGHTS.get(w)
     if hit is not None and hit[0] == key:
         return hit[1]
-    with torch.no_grad(), record_function("optim.fp8_cast/fwd"):
+    with torch.no_grad(), span("optim.fp8_cast/fwd"):
         wq = _cast_weight(w.detach(), recipe)
     CASTS["w"] += 1
     _WEIGHTS[w] = (key, wq)
@@ -188,22 +204,24 @@ class FP8Act:
     cols: FP8Tensor
 
 
-def cast_input(x: torch.Tensor, recipe: FP8Recipe, op: str, counts: list[int] | None = None) -> FP8Act:
-    """Cast x [..., K] (rows grouped by expert when counts is given) for the FP8 GEMM(s) of op."""
+def cast_input(x: torch.Tensor, recipe: FP8Recipe, op: str, counts=None) -> FP8Act:
+    """Cast x [..., K] (rows grouped by expert when counts [E], a list or a tensor, is given) for the
+    FP8 GEMM(s) of op."""
     t = x.detach().reshape(-1, x.shape[-1])
-    with torch.no_grad(), record_function(f"{op}_quant/fwd"):
+    counts = _counts(counts, t.device)
+    with torch.no_grad(), span(f"{op}_quant/fwd"):
         rows = _cast_rows(t, recipe, counts)
         cols = _cast_cols(t, recipe, counts, rows)
     CASTS[f"{op}:x"] += 1
     return FP8Act(rows, cols)
 
 
-def from_wire(q: torch.Tensor, scale: torch.Tensor, recipe: FP8Recipe, op: str, counts: list[int]) -> FP8Act:
+def from_wire(q: torch.Tensor, scale: torch.Tensor, recipe: FP8Recipe, op: str, counts) -> FP8Act:
     """An FP8 dispatch's payload and scales (per token, or 1x128 tiles) as op's forward operand,
     used as they came; only wgrad's transposed copy is cast (the op graph's pre-quantized fc1)."""
     rows = FP8Tensor(q, scale, "tile" if scale.dim() == 2 else "row")
-    with torch.no_grad(), record_function(f"{op}_quant/fwd"):
-        cols = _cast_cols(rows.deq(), recipe, counts)
+    with torch.no_grad(), span(f"{op}_quant/fwd"):
+        cols = _cast_cols(rows.deq(), recipe, _counts(counts, q.device))
     CASTS[f"{op}:xT"] += 1
     return FP8Act(rows, cols)
 
@@ -215,7 +233,7 @@ def from_wire(q: torch.Tensor, scale: torch.Tensor, recipe: FP8Recipe, op: str, 
 class _Call:
     recipe: FP8Recipe
     op: str
-    counts: list[int] | None  # None: one linear y = x W^T; else experts y_e = x_e W_e, W [E, K, N]
+    counts: torch.Tensor | None  # None: one linear y = x W^T; else experts y_e = x_e W_e, W [E, K, N] (device)
     xq: FP8Act | None
     kernels: str
     defer: list | None  # wgrad queued here (runtime.overlap) instead of returned
@@ -241,18 +259,18 @@ class _FP8GEMM(torch.autograd.Function):
     def backward(ctx, dy):
         call, w = ctx.call, ctx.w
         path = _path(call, dy.device)
-        with record_function(f"{call.op}_quant/dgrad"):
+        with span(f"{call.op}_quant/dgrad"):
             dyr = _cast_rows(dy, call.recipe, call.counts)
             dyc = _cast_cols(dy, call.recipe, call.counts, dyr)
         CASTS[f"{call.op}:dy"] += 1
         dx = None
         if ctx.needs_input_grad[0]:
-            with record_function(f"{call.op}/dgrad"):
+            with span(f"{call.op}/dgrad"):
                 dx = _gemm("dgrad", path, dyr, ctx.wq, call).to(ctx.x_dtype)
         xt = ctx.xt
 
         def wgrad() -> torch.Tensor:
-            with record_function(f"{call.op}/wgrad"):
+            with span(f"{call.op}/wgrad"):
                 return _gemm("wgrad", path, dyc, xt, call).to(w.dtype)
 
         if call.defer is None:
@@ -272,11 +290,12 @@ def linear(x: torch.Tensor, w: torch.Tensor, recipe: FP8Recipe, op: str, xq: FP8
     return _FP8GEMM.apply(x.reshape(-1, x.shape[-1]), w, call).view(*x.shape[:-1], w.shape[0])
 
 
-def grouped(x: torch.Tensor, w: torch.Tensor, counts: list[int], recipe: FP8Recipe, op: str,
+def grouped(x: torch.Tensor, w: torch.Tensor, counts, recipe: FP8Recipe, op: str,
             xq: FP8Act | None = None, kernels: str = "torch", defer: list | None = None) -> torch.Tensor:
     """y_e = x_e @ w[e] as FP8 GEMMs over rows grouped by expert; x [M, K], w [E, K, N], counts [E]
-    summing to M. defer: queue the weight gradient there (accumulated into w.grad when run)."""
-    call = _Call(recipe, op, list(counts), xq, kernels, defer, _out_dtype(x))
+    (a device tensor, or a list) summing to M. defer: queue the weight gradient there (accumulated
+    into w.grad when run)."""
+    call = _Call(recipe, op, _counts(counts, x.device), xq, kernels, defer, _out_dtype(x))
     return _FP8GEMM.apply(x, w, call)
 
 
@@ -289,11 +308,11 @@ def _gemm(phase: str, path: str, a: FP8Tensor, b: FP8Tensor, call: _Call) -> tor
     av, bv, c = a.deq(), b.deq(), call.counts
     if c is None:  # W [N, K]
         return {"fwd": lambda: av @ bv.t(), "dgrad": lambda: av @ bv, "wgrad": lambda: av.t() @ bv}[phase]()
+    # grouped GEMMs from the device counts (torch._grouped_mm: fp32 on the CPU; on CUDA fp32 has no
+    # kernel of its own and reads the counts on the host, one reason CUDA prefers the paths below)
     if phase == "wgrad":  # -> [E, K, N] = x_e^T dy_e
-        return torch.stack([xe.t() @ de for de, xe in zip(av.split(c), bv.split(c), strict=True)])
-    wb = bv if phase == "fwd" else bv.transpose(1, 2)
-    out = [p @ wb[e] for e, p in enumerate(av.split(c))]
-    return torch.cat(out) if out else av.new_zeros(0, wb.shape[2])
+        return grouped_mm_wgrad(bv, av, c)
+    return grouped_mm(av, bv if phase == "fwd" else bv.transpose(1, 2), c)
 
 
 # ------------------------------------------------------------------ CUDA (sm_90): UNMEASURED
@@ -311,8 +330,8 @@ def _path(call: _Call, device: torch.device) -> str:
             and hasattr(F, "ScalingType") and torch.cuda.get_device_capability(device)[0] == 9 \
             and tuple(int(v) for v in (torch.version.cuda or "0.0").split(".")[:2]) >= (12, 9):
         path = "scaled_mm_blockwise"
-    elif call.counts is not None and call.recipe.name == "tensorwise" and call.kernels == "triton":
-        path = "triton"
+    elif call.counts is not None and call.recipe.name == "tensorwise":
+        path = "triton" if call.kernels == "triton" else "grouped_bf16"
     if path == "emulate" or path in _FAILED:
         _note(f"{call.recipe.name} {'experts' if call.counts is not None else 'linear'} GEMMs are emulated on "
               f"{device} (no working FP8 tensor-core path for them in this torch/plan)")
@@ -320,17 +339,44 @@ def _path(call: _Call, device: torch.device) -> str:
     return path
 
 
+def _grouped_bf16(phase: str, a: FP8Tensor, b: FP8Tensor, counts: torch.Tensor) -> torch.Tensor | None:
+    """Tensorwise expert GEMMs on the e4m3 payloads through torch._grouped_mm's bf16 kernel (e4m3 is
+    exact in bf16, products accumulate in fp32), the scales applied to the result: the FP8 operand
+    values with no host read of the counts, at bf16 tensor-core speed (the output rounds to bf16
+    once before scaling). Tensorwise scales factor out of a GEMM: per row of x or dy (fwd, dgrad),
+    per expert for every wgrad operand (both are cast per expert). None where it cannot run."""
+    from runtime.kernels.grouped_gemm import counts_to_ends, gmm, gmm_wgrad, grouped_mm_usable
+
+    if a.q is None or b.q is None or a.kind != "row" or b.kind not in ("tensor", "row"):
+        return None
+    qa, qb = a.q.to(torch.bfloat16), b.q.to(torch.bfloat16)
+    m = qa.shape[0]
+    ends = counts_to_ends(counts)
+    if phase == "wgrad":  # a = dy rows [M, N], b = x rows [M, K]: dW_e = s_x,e s_dy,e (qx_e^T qdy_e)
+        if not grouped_mm_usable(qb, qa.new_empty(1, 1, qa.shape[1])):
+            return None
+        first = (ends - counts).clamp(max=max(m - 1, 0))  # an expert's first row (its scale is the expert's)
+        s = (a.scale[first] * b.scale[first]) if m else a.scale.new_zeros(counts.numel())
+        return gmm_wgrad(qb, qa, ends).float() * s[:, None, None]
+    wb = qb if phase == "fwd" else qb.transpose(1, 2)  # W [E, K, N] (dgrad: its transpose, a view)
+    if not grouped_mm_usable(qa, wb):
+        return None
+    seg = _segments(counts, m)
+    return gmm(qa, wb, ends).float() * (a.scale * b.scale[seg])[:, None]
+
+
 def _cuda_gemm(phase: str, path: str, a: FP8Tensor, b: FP8Tensor, call: _Call) -> torch.Tensor | None:
     try:
+        if path == "grouped_bf16" or (path == "triton" and phase == "wgrad"):
+            return _grouped_bf16(phase, a, b, call.counts)
         if path == "triton":
-            if phase == "wgrad" or a.kind != "row":
-                return None  # wgrad of the experts (and tile-scaled inputs): emulated
+            if a.kind != "row":
+                return None  # tile-scaled inputs: emulated
             from runtime.kernels import grouped_gemm_fp8
 
             wq = b.q if phase == "fwd" else b.q.transpose(1, 2)  # [E, K, N] viewed as needed
             ws = b.scale[:, None].expand(wq.shape[0], wq.shape[2]).contiguous()
-            counts = torch.tensor(call.counts, device=a.q.device)
-            return grouped_gemm_fp8(a.q, a.scale, wq, ws, counts, torch.float32)
+            return grouped_gemm_fp8(a.q, a.scale, wq, ws, call.counts, torch.float32)
         if a.q is None or b.q is None:
             return None
         # (A [M, K] row-major, B [K, N] column-major) per phase; W is stored [N, K]

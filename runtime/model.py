@@ -18,7 +18,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.profiler import record_function
 from torch.utils.checkpoint import checkpoint
 
 from perfmodel import pplayout
@@ -27,6 +26,7 @@ from runtime.attention import Attention
 from runtime.groups import Parallel
 from runtime.moe import MoE, SwiGLU, get_expert_fn
 from runtime.params import Placement, make_param
+from runtime.spans import span
 
 
 class RMSNorm(nn.Module):
@@ -60,10 +60,10 @@ class Block(nn.Module):
         self.full_recompute = plan.recompute == "full"
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        with record_function("attn.norm/fwd"):
+        with span("attn.norm/fwd"):
             a = self.attn_norm(x)
         x = x + self.attn(a)
-        with record_function("moe.norm/fwd" if self.is_moe else "ffn.norm/fwd"):
+        with span("moe.norm/fwd" if self.is_moe else "ffn.norm/fwd"):
             f = self.ffn_norm(x)
         return x + self.ffn(f)
 
@@ -105,14 +105,14 @@ class Stage(nn.Module):
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.first:
-            with record_function("embed.lookup/fwd"):
+            with span("embed.lookup/fwd"):
                 x = F.embedding(x, self.embed)
         for layer in self.layers.values():
             x = layer(x)
         if self.last:
-            with record_function("head.norm/fwd"):
+            with span("head.norm/fwd"):
                 x = self.norm(x)
-            with record_function("head.proj/fwd"):
+            with span("head.proj/fwd"):
                 x = F.linear(x, self.head)
         elif not self.first and not self.layers:
             # an empty interior stage: give its output a graph node of its own rather than hand back the
@@ -124,6 +124,18 @@ class Stage(nn.Module):
     def moe_layers(self) -> dict[int, MoE]:
         """Global layer index -> MoE module, for this stage's MoE layers."""
         return {int(i): b.ffn for i, b in self.layers.items() if isinstance(b.ffn, MoE)}
+
+
+def set_precision(modules: list[nn.Module], precision: str, fp8_recipe: str = "tensorwise") -> None:
+    """Switch built stages to another plan.precision / fp8_recipe in place (the FP8 GEMMs of attention,
+    experts and FFNs read it at every forward): a benchmark sweeps precisions on one model."""
+    from runtime import fp8_linear
+
+    recipe = fp8_linear.recipe_of(precision, fp8_recipe)
+    for mod in modules:
+        for m in mod.modules():
+            if isinstance(m, (Attention, MoE, SwiGLU)):
+                m.fp8 = recipe
 
 
 def check_supported(plan: PlanSpec, microbatches: int | None = None) -> None:
@@ -162,7 +174,7 @@ def build_stages(spec: ModelSpec, plan: PlanSpec, par: Parallel, seed: int) -> l
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor, global_tokens: int) -> torch.Tensor:
     """This micro-batch's share of the iteration's mean token cross-entropy."""
-    with record_function("head.loss/fwd"):
+    with span("head.loss/fwd"):
         return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
                                reduction="sum") / global_tokens
 

@@ -34,45 +34,53 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.profiler import record_function
 
 from perfmodel.specs import ModelSpec, SpecError
 from runtime import comm, fp8_linear, overlap
 from runtime import parallel_ops as pops
 from runtime.groups import Parallel
+from runtime.kernels.grouped_gemm import grouped_gemm_torch
+from runtime.kernels.permute import expert_counts
 from runtime.params import Placement, make_param
+from runtime.spans import span
 
 ExpertFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The autocast dtype (bf16 on GPU) where autocast is on, else x's: a grouped GEMM (torch's or
+    the Triton kernels) is not an autocast op, so the experts cast their operands themselves."""
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+
+
 def torch_expert_fn(x: torch.Tensor, tokens_per_expert: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor,
                     w2: torch.Tensor) -> torch.Tensor:
-    """Reference grouped SwiGLU: one pair of GEMMs per local expert over its contiguous rows."""
-    parts = x.split(tokens_per_expert.tolist(), dim=0)
-    # unbind once, not w1[e] per expert: each select's backward would zero-fill a whole [E, ...]
-    # gradient (E^2 memory traffic); unbind's backward stacks the E slices in one allocation
-    w1s, w3s, w2s = w1.unbind(0), w3.unbind(0), w2.unbind(0)
-    with record_function("moe.fc1/fwd"):
-        h = [(p @ w1s[e], p @ w3s[e]) for e, p in enumerate(parts)]
-    with record_function("moe.act/fwd"):
-        a = [F.silu(g) * u for g, u in h]
-    with record_function("moe.fc2/fwd"):
-        out = [t @ w2s[e] for e, t in enumerate(a)]
-    return torch.cat(out, 0) if out else x.new_zeros((0, w2.shape[-1]))
+    """Grouped SwiGLU with torch ops: torch._grouped_mm from the device counts (no host round-trip;
+    runtime.kernels.grouped_gemm.grouped_gemm_torch), one GEMM per expert where it cannot run."""
+    dt = _compute_dtype(x)
+    x, w1, w3, w2 = (t.to(dt) for t in (x, w1, w3, w2))
+    with span("moe.fc1/fwd"):
+        g, u = (grouped_gemm_torch(x, w, tokens_per_expert, "moe.fc1") for w in (w1, w3))
+    with span("moe.act/fwd"):
+        a = F.silu(g) * u
+    with span("moe.fc2/fwd"):
+        return grouped_gemm_torch(a, w2, tokens_per_expert, "moe.fc2")
 
 
 def fp8_expert_fn(x: torch.Tensor, tokens_per_expert: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor,
                   w2: torch.Tensor, recipe: fp8_linear.FP8Recipe, kernels: str = "torch",
                   xq: fp8_linear.FP8Act | None = None, defer: list | None = None) -> torch.Tensor:
     """The SwiGLU experts with FP8 grouped GEMMs: x cast once (or xq: cast by the dispatch) for
-    gate and up; defer: queue the weight gradients (inter-op overlap, runtime.overlap)."""
-    c = tokens_per_expert.tolist()
-    with record_function("moe.fc1/fwd"):
+    gate and up; defer: queue the weight gradients (inter-op overlap, runtime.overlap). The counts
+    stay on the device."""
+    c = tokens_per_expert
+    with span("moe.fc1/fwd"):
         xq = xq or fp8_linear.cast_input(x, recipe, "moe.fc1", c)
         g, u = (fp8_linear.grouped(x, w, c, recipe, "moe.fc1", xq, kernels, defer) for w in (w1, w3))
-    with record_function("moe.act/fwd"):
+    with span("moe.act/fwd"):
         a = F.silu(g) * u
-    with record_function("moe.fc2/fwd"):
+    with span("moe.fc2/fwd"):
         return fp8_linear.grouped(a, w2, c, recipe, "moe.fc2", None, kernels, defer)
 
 
@@ -85,8 +93,10 @@ def get_expert_fn(kernels: str) -> ExpertFn:
         raise SpecError(f"plan.kernels: triton expert kernels are not available ({exc}); use kernels: torch") from None
 
     def triton_expert_fn(x, tokens_per_expert, w1, w3, w2):
-        with record_function("moe.fc1/fwd"):  # the kernels fuse fc1, act and fc2 per call
-            return expert_ffn(x, tokens_per_expert, torch.cat([w1, w3], dim=-1), w2, backend="triton")
+        dt = _compute_dtype(x)  # bf16 under autocast: the kernels take one operand dtype
+        with span("moe.fc1/fwd"):  # the kernels fuse fc1, act and fc2 per call
+            return expert_ffn(x.to(dt), tokens_per_expert, torch.cat([w1, w3], dim=-1).to(dt), w2.to(dt),
+                              backend="triton")
 
     return triton_expert_fn
 
@@ -166,11 +176,13 @@ class MoE(nn.Module):
         """This rank's share of the per-sequence load-balancing loss (summed over ranks = the loss)."""
         par = self.par
         with torch.no_grad():
-            counts = F.one_hot(idx, self.E).sum(1).view(b, -1, self.E).sum(1).float()  # [B, E]
+            # [B, E] picks per sequence; a scatter (F.one_hot reads the ids' range on the host off CUDA)
+            picks = idx.reshape(b, -1)
+            counts = probs.new_zeros(b, self.E).scatter_add_(1, picks, torch.ones_like(picks, dtype=probs.dtype))
         psum = probs.view(b, -1, self.E).sum(1)  # [B, E], differentiable
         pg = par.pg("tp_sp")
         if pg is not None:  # one all-reduce of both statistics over the shards of these sequences
-            with record_function("moe.aux_ar/fwd"):
+            with span("moe.aux_ar/fwd"):
                 both = pops.all_reduce(torch.cat([counts, psum], dim=1), pg)
             counts, psum = both[:, : self.E].detach(), both[:, self.E:]
         s = self.seq_len
@@ -191,7 +203,7 @@ class MoE(nn.Module):
         # k copies of each token in assignment order, then sorted by expert (a permutation, so
         # its backward is a plain gather, deterministic on every device)
         xs = t.unsqueeze(1).expand(n, self.k, h).reshape(n * self.k, h)[order]
-        return xs, torch.bincount(flat, minlength=self.E), order
+        return xs, expert_counts(flat, self.E), order
 
     def _unpermute(self, ys: torch.Tensor, back: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         if self.kernels == "triton":
@@ -210,32 +222,36 @@ class MoE(nn.Module):
     def _experts(self, xr: torch.Tensor, recv: torch.Tensor, handle, wire_fp8: list | None = None) -> torch.Tensor:
         """Expert compute on the received rows (ordered source rank, expert) -> same order.
         wire_fp8: [(payload, scales)] of a pre-quantized FP8 dispatch, in the order of xr's rows."""
-        expert_of_row = torch.arange(self.El, device=xr.device).repeat(self.ep).repeat_interleave(recv.flatten())
-        regroup = torch.argsort(expert_of_row, stable=True)
+        counts = recv.sum(0)  # [El], on the device: the expert GEMMs take device offsets
+        regroup = None
+        if self.ep > 1:  # rows arrive ordered (source rank, expert): group them by expert
+            expert_of_row = torch.arange(self.El, device=xr.device).repeat(self.ep).repeat_interleave(
+                recv.flatten(), output_size=xr.shape[0])  # the size is known: no host round-trip
+            regroup = torch.argsort(expert_of_row, stable=True)
+            xr = xr[regroup]
         if self.fp8 is not None:
-            counts = recv.sum(0)
             xq = None
             if wire_fp8:  # regroup payload and scales with the rows (payload as bytes: not every torch gathers fp8)
                 q, sc = wire_fp8[0]
-                xq = fp8_linear.from_wire(q.view(torch.uint8)[regroup].view(q.dtype), sc[regroup], self.fp8,
-                                          "moe.fc1", counts.tolist())
+                if regroup is not None:
+                    q, sc = q.view(torch.uint8)[regroup].view(q.dtype), sc[regroup]
+                xq = fp8_linear.from_wire(q, sc, self.fp8, "moe.fc1", counts)
             defer = handle.deferred if self.defer_wgrad and self.ep > 1 else None
-            y = fp8_expert_fn(xr[regroup], counts, self.w1, self.w3, self.w2, self.fp8, self.kernels, xq, defer)
+            y = fp8_expert_fn(xr, counts, self.w1, self.w3, self.w2, self.fp8, self.kernels, xq, defer)
         elif self.defer_wgrad:  # inter-op overlap: wgrad GEMMs run under the dispatch gradient all-to-all
-            y = overlap.experts(xr[regroup], recv.sum(0), self.w1, self.w3, self.w2, self.kernels,
-                                handle if self.ep > 1 else None)
+            y = overlap.experts(xr, counts, self.w1, self.w3, self.w2, self.kernels, handle if self.ep > 1 else None)
         else:
-            y = self.expert_fn(xr[regroup], recv.sum(0), self.w1, self.w3, self.w2)
-        return y[torch.argsort(regroup)]
+            y = self.expert_fn(xr, counts, self.w1, self.w3, self.w2)
+        return y if regroup is None else y[torch.argsort(regroup)]
 
-    def _send(self, x: torch.Tensor, ins: list[int], outs: list[int], which: int, name: str,
+    def _send(self, x: torch.Tensor, ins: list[int] | None, outs: list[int] | None, which: int, name: str,
               block: int | None = None, keep: list | None = None):
         pg = self.par.pg("ep")
         if pg is None:
             return _Local(x)
         wire, grad_wire = self._wires(x.device)[which]
         if self.chunks == 1 and not self.defer_wgrad:  # no overlap: one blocking all-to-all
-            with record_function(f"{name}/fwd"):  # its backward is attributed to name/dgrad through this span
+            with span(f"{name}/fwd"):  # its backward is attributed to name/dgrad through this span
                 return _Local(comm.all_to_all_autograd(x, ins, outs, pg, wire, grad_wire, block, name=name,
                                                        keep=keep))
         return overlap.start_a2a(x, ins, outs, pg, wire, grad_wire, name, block, keep)
@@ -248,7 +264,7 @@ class MoE(nn.Module):
         b, s, h = x.shape
         t = x.reshape(-1, h)
         n = t.shape[0]
-        with record_function("moe.router/fwd"):
+        with span("moe.router/fwd"):
             probs = torch.softmax(F.linear(t.float(), self.router.float()), dim=-1)
             w, idx = torch.topk(probs, self.k, dim=-1)
             w = w / w.sum(-1, keepdim=True)
@@ -257,13 +273,20 @@ class MoE(nn.Module):
         # flight while chunk c's experts compute
         nc = max(1, min(self.chunks, n))
         cut = [n * c // nc for c in range(nc + 1)]
-        with record_function("moe.permute/fwd"):
+        with span("moe.permute/fwd"):
             parts = [self._permute(t[cut[c]:cut[c + 1]], idx[cut[c]:cut[c + 1]]) for c in range(nc)]
         counts = torch.stack([p[1] for p in parts]).view(nc, self.ep, self.El)
-        with record_function("moe.dispatch_counts/fwd"):  # every chunk's counts in one exchange
-            recv = pops.exchange_counts(counts.transpose(0, 1).contiguous(), self.par.pg("ep"))  # [src, c, El]
-        send_splits = counts.sum(2).tolist()  # [c][peer]
-        recv_splits = recv.sum(2).t().tolist()
+        send_splits: list = [None] * nc  # [c][peer] rows to each peer (ep > 1 only)
+        recv_splits: list = [None] * nc
+        if self.ep > 1:
+            with span("moe.dispatch_counts/fwd"):  # every chunk's counts in one exchange
+                recv = pops.exchange_counts(counts.transpose(0, 1).contiguous(), self.par.pg("ep"))  # [src, c, El]
+                # the layer's one host round-trip: the all-to-alls need their split sizes on the host;
+                # every chunk's send and receive sizes come back in one transfer
+                both = torch.cat([counts.sum(2), recv.sum(2).t()]).tolist()
+            send_splits, recv_splits = both[:nc], both[nc:]
+        else:  # nothing leaves the rank: the counts stay on the device
+            recv = counts.transpose(0, 1)  # [1, c, El]
         pre = self._pre_quantized()
         blk = self.fp8.wire_block if pre and self.fp8 else None
         kept: list[list | None] = [[] if pre else None for _ in range(nc)]  # filled by each dispatch's wait()
@@ -279,9 +302,9 @@ class MoE(nn.Module):
         if self.shared is not None:
             # under the combine all-to-all(s) in flight; in backward (autograd runs the latest-created
             # ready node first) its gradient runs while the combine's gradient all-to-all is in flight
-            with record_function("moe.shared/fwd"):
+            with span("moe.shared/fwd"):
                 shared = self.shared(t)
-        with record_function("moe.unpermute/fwd"):
+        with span("moe.unpermute/fwd"):
             out = torch.cat([self._unpermute(combine[c].wait(), parts[c][2], w[cut[c]:cut[c + 1]])
                              for c in range(nc)])
         if shared is not None:

@@ -11,6 +11,13 @@ runtime.comm's reduce-scatter/all-reduce, which sum the bf16 chunks in fp32 (fp3
 Bytes sent land in runtime.comm.STATS under "dp.grad_sync" (both wires).
 The global gradient norm for clipping counts each distinct
 gradient element once: a shard's squared norm is divided by the number of ranks holding it.
+
+No host round-trip (a GPU step must never wait for the device inside it): the norm, the clip factor
+and AdamW's update stay on the device as foreach ops; step() returns the norm as a 0-dim device
+tensor, which the training loop reads after the step together with the other metrics (one read per
+step). AdamW is written out here, the same arithmetic as torch.optim.AdamW's single-tensor path,
+because torch's non-capturable AdamW reads its step counter with .item() for the bias corrections
+(and its capturable form refuses CPU tensors): the step count is a host integer here.
 """
 
 from __future__ import annotations
@@ -21,11 +28,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.profiler import record_function
 
 from runtime import comm
 from runtime.groups import Parallel
 from runtime.params import Placement, placement
+from runtime.spans import span
 
 
 @dataclass
@@ -41,6 +48,9 @@ class Bucket:
 
     def __post_init__(self) -> None:
         self.numel = sum(p.numel() for p in self.params)
+        self.offsets = [0]
+        for p in self.params:
+            self.offsets.append(self.offsets[-1] + p.numel())
         padded = -(-self.numel // self.shard_n) * self.shard_n  # equal shards for reduce-scatter
         flat = torch.zeros(padded, dtype=torch.float32, device=self.params[0].device)
         flat[: self.numel] = torch.cat([p.detach().float().reshape(-1) for p in self.params])
@@ -55,12 +65,10 @@ class Bucket:
         return torch.cat([flat, flat.new_zeros(pad)]) if pad else flat
 
     def scatter(self, flat: torch.Tensor) -> None:
-        """Copy a full flat value into the model parameters."""
-        off = 0
+        """Copy a full flat value into the model parameters (one foreach copy)."""
+        o = self.offsets
         with torch.no_grad():
-            for p in self.params:
-                p.copy_(flat[off:off + p.numel()].view_as(p))
-                off += p.numel()
+            torch._foreach_copy_(self.params, [flat[o[i]:o[i + 1]].view_as(p) for i, p in enumerate(self.params)])
 
 
 def _sum(t: torch.Tensor, pg, bf16: bool) -> torch.Tensor:
@@ -101,15 +109,15 @@ class ShardedAdamW:
             dup = math.prod(par.size(k) for k in place.reduce) * (1 if distributed else par.size(kind))
             self.buckets.append(Bucket(groups[key], place, par.pg(kind), n, par.index(kind) if distributed else 0,
                                        dup))
-        decay = [b.master for b in self.buckets if b.place.decay]
-        no_decay = [b.master for b in self.buckets if not b.place.decay]
-        self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                                      {"params": no_decay, "weight_decay": 0.0}],
-                                     lr=lr, betas=betas, eps=eps, foreach=False)
+        self.lr, self.betas, self.eps = lr, betas, eps
+        self.groups = [([b.master for b in self.buckets if b.place.decay], weight_decay),
+                       ([b.master for b in self.buckets if not b.place.decay], 0.0)]
+        self.steps = 0  # AdamW steps taken: a host integer, so the bias corrections read nothing back
+        self.adam: dict[nn.Parameter, dict[str, torch.Tensor]] = {}
 
     def sync_grads(self) -> None:
         """Sum every gradient over the ranks that share its parameter; leaves master.grad set."""
-        with record_function("dp.grad_sync/fwd"):
+        with span("dp.grad_sync/fwd"):
             for b in self.buckets:
                 flat = b.flat_grad()
                 for kind in b.place.reduce:
@@ -124,14 +132,13 @@ class ShardedAdamW:
                     flat = _sum(flat, b.shard_pg, self.grad_bf16)  # all-reduce (None: one rank)
                     b.master.grad = flat.clone()
 
-    def grad_norm(self) -> float:
-        sq = torch.zeros((), dtype=torch.float64)
-        for b in self.buckets:
-            sq += b.master.grad.double().pow(2).sum().cpu() / b.dup
+    def grad_norm(self) -> torch.Tensor:
+        """The global gradient norm as a 0-dim fp64 tensor on the device (nothing read on the host)."""
+        norms = torch._foreach_norm([b.master.grad for b in self.buckets], 2, dtype=torch.float64)
+        sq = torch.stack([n.square() / b.dup for n, b in zip(norms, self.buckets, strict=True)]).sum()
         if self.par.world > 1:
-            sq = sq.to(self.buckets[0].master.device)
             dist.all_reduce(sq)
-        return float(sq.sqrt())
+        return sq.sqrt()
 
     def full_grads(self) -> dict[str, torch.Tensor]:
         """Synced gradient of every local parameter (gathered from the shards); for tests."""
@@ -148,22 +155,50 @@ class ShardedAdamW:
                 off += p.numel()
         return out
 
-    def step(self, lr: float, clip: float) -> float:
-        """Clip, step the masters, copy back to the model (gathering shards); returns the grad norm."""
+    def step(self, lr: float, clip: float) -> torch.Tensor:
+        """Clip, step the masters, copy back to the model (gathering shards); returns the grad norm
+        (a 0-dim device tensor: read it after the step)."""
         norm = self.grad_norm()
-        coef = min(1.0, clip / (norm + 1e-6)) if clip > 0 else 1.0
-        with record_function("optim.step/fwd"):
-            for b in self.buckets:
-                if coef < 1.0:
-                    b.master.grad.mul_(coef)
-            for g in self.opt.param_groups:
-                g["lr"] = lr
-            self.opt.step()
-        with record_function("dp.param_gather/fwd"):
+        with span("optim.step/fwd"):
+            if clip > 0:  # min(1, clip / norm) on the device; x 1.0 is exact, so no branch on its value
+                coef = (clip / (norm + 1e-6)).clamp(max=1.0).float()
+                torch._foreach_mul_([b.master.grad for b in self.buckets], coef)
+            self._adamw(lr)
+        with span("dp.param_gather/fwd"):
             for b in self.buckets:
                 b.scatter(self._full(b))
                 b.master.grad = None
         return norm
+
+    def _state(self, p: nn.Parameter) -> dict[str, torch.Tensor]:
+        st = self.adam.get(p)
+        if st is None:
+            st = self.adam[p] = {"exp_avg": torch.zeros_like(p.data), "exp_avg_sq": torch.zeros_like(p.data),
+                                 "step": torch.zeros((), dtype=torch.float32)}
+        return st
+
+    def _adamw(self, lr: float) -> None:
+        """One AdamW step of every master (torch.optim.AdamW's arithmetic, as foreach ops)."""
+        self.steps += 1
+        beta1, beta2 = self.betas
+        bias1, bias2 = 1 - beta1 ** self.steps, 1 - beta2 ** self.steps
+        with torch.no_grad():
+            for params, wd in self.groups:
+                if not params:
+                    continue
+                sts = [self._state(p) for p in params]
+                grads = [p.grad for p in params]
+                m, v = [st["exp_avg"] for st in sts], [st["exp_avg_sq"] for st in sts]
+                torch._foreach_add_([st["step"] for st in sts], 1)  # host tensors: what checkpoints save
+                if wd:
+                    torch._foreach_mul_(params, 1 - lr * wd)
+                torch._foreach_lerp_(m, grads, 1 - beta1)
+                torch._foreach_mul_(v, beta2)
+                torch._foreach_addcmul_(v, grads, grads, 1 - beta2)
+                denom = torch._foreach_sqrt(v)
+                torch._foreach_div_(denom, bias2 ** 0.5)
+                torch._foreach_add_(denom, self.eps)
+                torch._foreach_addcdiv_(params, m, denom, -lr / bias1)
 
     def zero_grad(self, modules: list[nn.Module]) -> None:
         for m in modules:
@@ -174,19 +209,16 @@ class ShardedAdamW:
         out: dict[str, torch.Tensor] = {}
         for i, b in enumerate(self.buckets):
             out[f"b{i}.master"] = b.master.data
-            st = self.opt.state.get(b.master, {})
-            for k in ("exp_avg", "exp_avg_sq"):
-                if k not in st:  # create the state before a checkpoint load so it loads in place
-                    st[k] = torch.zeros_like(b.master.data)
+            st = self._state(b.master)  # created before a checkpoint load so it loads in place
+            for k in ("exp_avg", "exp_avg_sq", "step"):
                 out[f"b{i}.{k}"] = st[k]
-            st.setdefault("step", torch.zeros((), dtype=torch.float32))
-            out[f"b{i}.step"] = st["step"]
-            self.opt.state[b.master] = st
         return out
 
     def after_load(self) -> None:
         for b in self.buckets:
             b.scatter(self._full(b))
+        # the step count as loaded (a host tensor, read once here, outside any training step)
+        self.steps = int(self._state(self.buckets[0].master)["step"]) if self.buckets else 0
 
     def _full(self, b: Bucket) -> torch.Tensor:
         full = b.master.detach()

@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from torch.profiler import record_function
 
 from runtime import comm
+from runtime.spans import span
 
 
 @dataclass(eq=False)
@@ -49,7 +49,7 @@ class _Start(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, st: _State):
         ctx.st = st
-        with record_function(f"{st.name}/fwd"):
+        with span(f"{st.name}/fwd"):
             st.pending = comm.all_to_all_async(x.detach().contiguous(), st.ins, st.outs, st.group, st.wire,
                                                st.block, name=f"{st.name}/fwd", keep=st.keep)
         return x.new_empty(0)  # a token linking the two halves in the graph
@@ -57,7 +57,7 @@ class _Start(torch.autograd.Function):
     @staticmethod
     def backward(ctx, _tok):
         st = ctx.st
-        with record_function(f"{st.name}/dgrad"):
+        with span(f"{st.name}/dgrad"):
             dx = st.grad_pending.wait()
         st.grad_pending = None
         return dx, None
@@ -67,7 +67,7 @@ class _Wait(torch.autograd.Function):
     @staticmethod
     def forward(ctx, tok, st: _State):
         ctx.st = st
-        with record_function(f"{st.name}/fwd"):
+        with span(f"{st.name}/fwd"):
             y = st.pending.wait()
         st.pending = None
         return y
@@ -75,7 +75,7 @@ class _Wait(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         st = ctx.st
-        with record_function(f"{st.name}/dgrad"):
+        with span(f"{st.name}/dgrad"):
             st.grad_pending = comm.all_to_all_async(dy.contiguous(), st.outs, st.ins, st.group, st.grad_wire,
                                                     name=f"{st.name}/bwd")
         run_deferred(st.deferred)
@@ -120,15 +120,11 @@ def _ops(backend: str):
                 lambda dy, w, c: gg.grouped_gemm_dgrad_triton(dy.contiguous(), w, off(c)),
                 lambda x, dy, c: gg.grouped_gemm_wgrad_triton(x.contiguous(), dy.contiguous(), off(c), x.dtype))
 
-    def gemm(x, w, c):
-        parts = x.split(c.tolist())
-        return torch.cat([p @ w[e] for e, p in enumerate(parts)]) if parts else x.new_zeros(0, w.shape[2])
-
-    def wgrad(x, dy, c):
-        xs, ds = x.split(c.tolist()), dy.split(c.tolist())
-        return torch.stack([a.t() @ d for a, d in zip(xs, ds, strict=True)])
-
-    return gemm, (lambda dy, w, c: gemm(dy, w.transpose(1, 2), c)), wgrad
+    # torch: grouped GEMMs from the device counts (torch._grouped_mm where it has a kernel, see
+    # runtime.kernels.grouped_gemm.grouped_mm_usable; a per-expert loop elsewhere)
+    gg = importlib.import_module("runtime.kernels.grouped_gemm")
+    return (gg.grouped_mm, lambda dy, w, c: gg.grouped_mm(dy, w.transpose(1, 2), c),
+            lambda x, dy, c: gg.grouped_mm_wgrad(x, dy, c))
 
 
 def _accumulate(p: torch.Tensor, g: torch.Tensor) -> None:
@@ -146,11 +142,11 @@ class _Experts(torch.autograd.Function):
         dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
         x = x.to(dt)
         w1c, w3c, w2c = (w.to(dt) for w in (w1, w3, w2))
-        with record_function("moe.fc1/fwd"):
+        with span("moe.fc1/fwd"):
             g, u = gemm(x, w1c, counts), gemm(x, w3c, counts)
-        with record_function("moe.act/fwd"):
+        with span("moe.act/fwd"):
             a = F.silu(g) * u
-        with record_function("moe.fc2/fwd"):
+        with span("moe.fc2/fwd"):
             y = gemm(a, w2c, counts)
         ctx.save_for_backward(x, counts, g, u)
         # the parameters themselves, not saved tensors: under activation checkpointing a saved
@@ -165,20 +161,20 @@ class _Experts(torch.autograd.Function):
         _, dgrad, wgrad = _ops(ctx.backend)
         dt = x.dtype
         dy = dy.to(dt).contiguous()
-        with record_function("moe.fc2/dgrad"):
+        with span("moe.fc2/dgrad"):
             da = dgrad(dy, w2.to(dt), counts)
-        with record_function("moe.act/dgrad"):
+        with span("moe.act/dgrad"):
             sg = torch.sigmoid(g)
             silu = g * sg
             dg = da * u * sg * (1 + g * (1 - sg))
             du = da * silu
-        with record_function("moe.fc1/dgrad"):
+        with span("moe.fc1/dgrad"):
             dx = dgrad(dg, w1.to(dt), counts) + dgrad(du, w3.to(dt), counts)
 
         def weight_grads() -> None:
-            with record_function("moe.fc2/wgrad"):
+            with span("moe.fc2/wgrad"):
                 _accumulate(w2, wgrad(silu * u, dy, counts))
-            with record_function("moe.fc1/wgrad"):
+            with span("moe.fc1/wgrad"):
                 _accumulate(w1, wgrad(x, dg, counts))
                 _accumulate(w3, wgrad(x, du, counts))
 

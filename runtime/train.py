@@ -5,6 +5,14 @@ clipping, fp32 on CPU (gloo) / bf16 autocast on GPU (NCCL). Rank 0 prints one pr
 step and appends metrics to <out>/metrics.jsonl; checkpoints go to <out>/ckpt/step_<n>/.
 Iteration n's data and everything else is a function of (seed, n) plus the checkpointed state, so
 `--resume` continues bit-for-bit.
+
+A step is `forward_backward` then `optimizer_step` (benchmarks/runtime_gpu.py and
+tests/runtime/test_host_syncs.py run the same two functions). Neither reads anything back from the
+device, so on a GPU the host runs ahead of the kernels: the only host round-trips inside a step are
+the expert-parallel all-to-alls' split sizes (one per MoE layer and micro-batch, runtime.moe). The
+step's metrics (loss, aux loss, grad norm, routing, bytes) are read once, after the optimizer, in one
+transfer (`_step_stats`): that read is what the step time includes, and the input batch goes to the
+device without a blocking copy.
 """
 
 from __future__ import annotations
@@ -63,8 +71,9 @@ def _reset_stats(stages) -> None:
             m.aux_sum.zero_()
 
 
-def _step_stats(stages, spec: ModelSpec, loss: torch.Tensor, device) -> tuple[float, float, int]:
-    """World-summed (loss, aux loss, max tokens routed to one expert in one layer)."""
+def _step_stats(stages, spec: ModelSpec, loss: torch.Tensor, norm: torch.Tensor | float, device) -> dict:
+    """The step's metrics, world-summed where shared, in ONE device-to-host read: loss, aux loss, grad
+    norm, max tokens routed to one expert in one layer, and comm.step_bytes' byte counts."""
     e = spec.moe.experts if spec.moe else 0
     counts = torch.zeros(spec.layers, e, device=device)
     aux = torch.zeros((), device=device)
@@ -72,10 +81,20 @@ def _step_stats(stages, spec: ModelSpec, loss: torch.Tensor, device) -> tuple[fl
         for i, m in st.moe_layers().items():
             counts[i] = m.tokens_per_expert
             aux += m.aux_sum
-    packed = torch.cat([loss.reshape(1).float().to(device), aux.reshape(1), counts.reshape(-1)]).double()
+    b = comm.STATS.bytes_sent
+    moe_a2a = ("moe.dispatch_a2a", "moe.combine_a2a")
+    nbytes = [sum(v for k, v in b.items() if k.startswith(moe_a2a)),
+              sum(v for k, v in b.items() if k.startswith(moe_a2a) and k.endswith("/fwd")), b.get("dp.grad_sync", 0)]
+    nbytes_t = torch.tensor(nbytes, dtype=torch.float64)  # host counts; on CUDA sent without a blocking copy
+    nbytes_t = nbytes_t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else nbytes_t.to(device)
+    packed = torch.cat([loss.reshape(1).double().to(device), aux.reshape(1).double(), nbytes_t,
+                        counts.reshape(-1).double()])
     if dist.is_initialized():
-        dist.all_reduce(packed)  # every term is a disjoint share (tokens, layers), so the sum is the total
-    return float(packed[0]), float(packed[1]), int(packed[2:].max()) if e else 0
+        dist.all_reduce(packed)  # every term is a disjoint share (tokens, layers, bytes), so the sum is the total
+    norm_t = torch.as_tensor(norm, dtype=torch.float64, device=device).reshape(1)  # the same on every rank
+    vals = torch.cat([packed[:5], packed[5:].max().reshape(1) if e else packed.new_zeros(1), norm_t]).tolist()
+    return {"loss": vals[0], "aux_loss": vals[1], "grad_norm": vals[6], "max_tokens_per_expert": int(vals[5]),
+            "a2a_bytes": int(vals[2]), "a2a_fwd_bytes": int(vals[3]), "grad_sync_bytes": int(vals[4])}
 
 
 def _step_of(line: str) -> float:
@@ -86,7 +105,24 @@ def _step_of(line: str) -> float:
         return float("inf")
 
 
-def train(cfg: TrainConfig, par: Parallel, device: torch.device) -> list[dict]:
+@dataclass
+class Run:
+    """What a training step needs, built once (`setup`)."""
+    spec: ModelSpec
+    plan: PlanSpec
+    par: Parallel
+    device: torch.device
+    microbatches: int  # per replica per step
+    stages: list
+    modules: list
+    opt: ShardedAdamW
+    schedule: object | None  # the pipeline schedule (pp > 1)
+    n_stages: int
+    global_tokens: int
+
+
+def setup(cfg: TrainConfig, par: Parallel, device: torch.device) -> Run:
+    """Model stages (on device; bf16 autocast on CUDA), optimizer and pipeline schedule of cfg's plan."""
     spec, plan = cfg.model, cfg.plan
     layout = plan_layout(plan, spec, par.world)
     check_supported(plan, layout.microbatches)
@@ -98,8 +134,6 @@ def train(cfg: TrainConfig, par: Parallel, device: torch.device) -> list[dict]:
             m.autocast = torch.bfloat16
     opt = ShardedAdamW(modules, par, cfg.lr, distributed=plan.distributed_optimizer,
                        grad_bf16=plan.compression.grad_sync == "bf16")
-    data = Data.from_files(cfg.data, spec.vocab, spec.seq_len, plan.global_batch, cfg.seed) if cfg.data \
-        else Data(spec.vocab, spec.seq_len, plan.global_batch, cfg.seed)
     global_tokens = plan.global_batch * spec.seq_len
 
     def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -111,6 +145,50 @@ def train(cfg: TrainConfig, par: Parallel, device: torch.device) -> list[dict]:
         logits_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         schedule = make_schedule(stages, spec, par, plan.micro_batch, layout.microbatches, loss_fn, device,
                                  logits_dtype, plan.schedule, layout.stages)
+    return Run(spec, plan, par, device, layout.microbatches, stages, modules, opt, schedule, n_stages, global_tokens)
+
+
+def to_device(batch: tuple[torch.Tensor, ...], device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Host tensors to the device; on CUDA from pinned memory without blocking the host."""
+    if device.type != "cuda":
+        return tuple(t.to(device) for t in batch)
+    return tuple(t.pin_memory().to(device, non_blocking=True) for t in batch)
+
+
+def forward_backward(run: Run, inputs: torch.Tensor, targets: torch.Tensor, micro_batch: int | None = None
+                     ) -> torch.Tensor:
+    """Forward and backward of one step's local batch (gradients accumulate in .grad); returns the
+    summed loss share as a device tensor. micro_batch overrides the plan's (pp = 1 only)."""
+    _reset_stats(run.stages)
+    comm.STATS.reset()  # bytes sent this step (metrics)
+    if run.schedule is not None:
+        return run_step(run.schedule, run.stages, run.n_stages, inputs, targets)
+    loss = torch.zeros((), device=run.device)
+    mb = micro_batch or run.plan.micro_batch
+    for j in range(inputs.shape[0] // mb):
+        part = lm_loss(run.modules[0](inputs[j * mb:(j + 1) * mb]), targets[j * mb:(j + 1) * mb], run.global_tokens)
+        part.backward()
+        loss += part.detach()
+    return loss
+
+
+def optimizer_step(run: Run, lr: float, clip: float, after_sync=None) -> torch.Tensor:
+    """Gradient sync, clip and AdamW, then drop the gradients; returns the grad norm (device tensor).
+    after_sync(): called between the sync and the update (tests dump the synced gradients there)."""
+    run.opt.sync_grads()
+    if after_sync is not None:
+        after_sync()
+    norm = run.opt.step(lr, clip)
+    run.opt.zero_grad(run.modules)
+    return norm
+
+
+def train(cfg: TrainConfig, par: Parallel, device: torch.device) -> list[dict]:
+    run = setup(cfg, par, device)
+    spec, plan, stages, modules, opt = run.spec, run.plan, run.stages, run.modules, run.opt
+    data = Data.from_files(cfg.data, spec.vocab, spec.seq_len, plan.global_batch, cfg.seed) if cfg.data \
+        else Data(spec.vocab, spec.seq_len, plan.global_batch, cfg.seed)
+    global_tokens = run.global_tokens
     meta = {"world": par.world, "plan": plan.model_dump(mode="json"), "model": spec.model_dump(mode="json"),
             "seed": cfg.seed}
     state = {f"r{par.rank}": {"model": {p.full_name: p.data for m in modules for p in m.parameters()},
@@ -138,33 +216,27 @@ def train(cfg: TrainConfig, par: Parallel, device: torch.device) -> list[dict]:
         t0 = time.perf_counter()
         if cfg.inject_failure == (par.rank, step):
             raise RuntimeError(f"injected failure at step {step}")
-        inputs, targets = (t.to(device) for t in local_batch(data.batch(step), par))
-        _reset_stats(stages)
-        comm.STATS.reset()  # bytes sent this step (metrics)
-        if schedule is not None:
-            loss = run_step(schedule, stages, n_stages, inputs, targets)
-        else:
-            loss = torch.zeros((), device=device)
-            mb = plan.micro_batch
-            for j in range(layout.microbatches):
-                part = lm_loss(modules[0](inputs[j * mb:(j + 1) * mb]), targets[j * mb:(j + 1) * mb], global_tokens)
-                part.backward()
-                loss += part.detach()
+        inputs, targets = to_device(local_batch(data.batch(step), par), device)
+        loss = forward_backward(run, inputs, targets)
         faults.point("step", par.rank, step)  # MOEPERF_FAULT (tests): die mid-step
-        opt.sync_grads()
-        if cfg.dump_grads and step == start + 1:
-            synced = opt.full_grads()
-            grads = {p.full_name: (synced[p.full_name].cpu(), p.place.shard) for m in modules for p in m.parameters()}
-            cfg.dump_grads.mkdir(parents=True, exist_ok=True)
-            torch.save(grads, cfg.dump_grads / f"rank{par.rank}.pt")
-        norm = opt.step(lr_at(step, cfg.lr, cfg.warmup, cfg.steps), cfg.clip)
-        opt.zero_grad(modules)
-        loss_v, aux_v, max_tpe = _step_stats(stages, spec, loss, device)
+
+        def dump(step: int = step) -> None:
+            if cfg.dump_grads and step == start + 1:
+                synced = opt.full_grads()
+                grads = {p.full_name: (synced[p.full_name].cpu(), p.place.shard) for m in modules
+                         for p in m.parameters()}
+                cfg.dump_grads.mkdir(parents=True, exist_ok=True)
+                torch.save(grads, cfg.dump_grads / f"rank{par.rank}.pt")
+
+        norm = optimizer_step(run, lr_at(step, cfg.lr, cfg.warmup, cfg.steps), cfg.clip, dump)
+        stats = _step_stats(stages, spec, loss, norm, device)  # the step's one read of the device
         dt = time.perf_counter() - t0
         prof.end(step, dt)
-        rec = {"step": step, "loss": loss_v, "aux_loss": aux_v, "grad_norm": norm,
+        rec = {"step": step, "loss": stats["loss"], "aux_loss": stats["aux_loss"], "grad_norm": stats["grad_norm"],
                "lr": lr_at(step, cfg.lr, cfg.warmup, cfg.steps), "tokens_per_s": global_tokens / dt,
-               "step_time_s": dt, "max_tokens_per_expert": max_tpe, **comm.step_bytes(device=device)}
+               "step_time_s": dt, "max_tokens_per_expert": stats["max_tokens_per_expert"],
+               **{k: stats[k] for k in ("a2a_bytes", "a2a_fwd_bytes", "grad_sync_bytes")}}
+        loss_v, aux_v, max_tpe = stats["loss"], stats["aux_loss"], stats["max_tokens_per_expert"]
         records.append(rec)
         if par.rank == 0:
             if metrics_path:

@@ -5,8 +5,11 @@ of the routing counts, so empty experts are just zero-length ranges); W is [E, K
 Backward: dgrad dx_e = dy_e @ W_e^T reuses the forward kernel with W's strides swapped, and
 wgrad dW_e = x_e^T @ dy_e has its own kernel that reduces over each expert's rows.
 
-Nothing here syncs with the host: the grid is sized from an upper bound on the number of
-row tiles (cdiv(M, BLOCK_M) + E), and each program finds its expert from the offsets.
+The Triton kernels never sync with the host: the grid is sized from an upper bound on the number
+of row tiles (cdiv(M, BLOCK_M) + E), and each program finds its expert from the offsets. The torch
+path (runtime/kernels/grouped_mm.py: grouped_gemm_torch, grouped_mm, grouped_mm_wgrad) runs torch._grouped_mm from device offsets
+where it has a kernel for the dtype and device (grouped_mm_usable), and only elsewhere falls back to
+a per-expert loop that reads the counts on the host.
 """
 
 from __future__ import annotations
@@ -16,26 +19,19 @@ import sys
 import torch
 
 from ._backend import interpret_mode, resolve_backend, triton_import_error, use_autotune
-
-# ---------------------------------------------------------------- torch reference
-
-
-def counts_to_offsets(counts: torch.Tensor) -> torch.Tensor:
-    """[E] counts -> [E+1] int32 exclusive prefix sum (int32 keeps kernel index math cheap)."""
-    offsets = torch.zeros(counts.numel() + 1, dtype=torch.int32, device=counts.device)
-    offsets[1:] = torch.cumsum(counts.to(torch.int64), 0).to(torch.int32)
-    return offsets
-
-
-def grouped_gemm_torch(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """Reference: one matmul per expert (differentiable through plain autograd)."""
-    parts = torch.split(x, [int(c) for c in counts.tolist()], dim=0)
-    ws = w.unbind(0)  # one stacked gradient in backward, not a zero-filled [E, K, N] per expert
-    outs = [p @ ws[e] for e, p in enumerate(parts)]
-    if not outs:
-        return x.new_zeros(0, w.shape[2])
-    return torch.cat(outs, dim=0)
-
+from .grouped_mm import (  # noqa: F401 (re-exported: the torch paths live there)
+    GroupedMMFunction,
+    _aligned,
+    counts_to_ends,
+    counts_to_offsets,
+    gmm,
+    gmm_wgrad,
+    grouped_gemm_loop,
+    grouped_gemm_torch,
+    grouped_mm,
+    grouped_mm_usable,
+    grouped_mm_wgrad,
+)
 
 # ---------------------------------------------------------------- triton kernels
 

@@ -17,6 +17,13 @@ import torch
 from ._backend import resolve_backend, triton_import_error, use_autotune
 
 
+def expert_counts(flat_idx: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """[N] expert ids -> [E] int64 counts. A scatter-add, not torch.bincount: bincount sizes its
+    output from the ids' maximum, which on CUDA is a device-to-host read every call."""
+    flat = flat_idx.reshape(-1).to(torch.int64)
+    return torch.zeros(num_experts, dtype=torch.int64, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
+
+
 def routing_map(topk_idx: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (src_token [T*k], counts [E], row_map [T, k]) for a stable sort of the picks by expert."""
     t, k = topk_idx.shape
@@ -24,7 +31,7 @@ def routing_map(topk_idx: torch.Tensor, num_experts: int) -> tuple[torch.Tensor,
     order = torch.sort(flat, stable=True).indices  # sorted row r holds pick order[r]
     row_map = torch.empty_like(flat)
     row_map[order] = torch.arange(flat.numel(), device=flat.device)
-    counts = torch.bincount(flat, minlength=num_experts)
+    counts = expert_counts(flat, num_experts)
     return order // k, counts, row_map.view(t, k)
 
 

@@ -192,3 +192,22 @@ def test_casts_are_profiled_under_op_graph_names():
     names = {e.name for e in prof.events() if split_event_name(e.name)}
     assert {"ffn.fc1_quant/fwd", "ffn.fc2_quant/fwd", "ffn.fc1_quant/dgrad", "moe.fc1_quant/fwd",
             "moe.fc2_quant/fwd", "moe.fc1_quant/dgrad", "moe.fc2/wgrad", "optim.fp8_cast/fwd"} <= names
+
+
+def test_grouped_bf16_path_multiplies_the_fp8_values():
+    """The CUDA path of tensorwise experts (fp8_linear._grouped_bf16: e4m3 payloads through
+    torch._grouped_mm's bf16 kernel, scales applied after) on the CPU, against the emulation: the
+    same products up to the one bf16 rounding of the result (2^-8 relative)."""
+    counts = torch.tensor([70, 0, 131, 3])
+    x, w, dy = _data(int(counts.sum()), 160, 96, experts=4, seed=3)
+    r = fp8_linear.FP8Recipe("tensorwise")
+    xq = fp8_linear.cast_input(x, r, "moe.fc1", counts)
+    wq = fp8_linear.fp8_weight(w, r)
+    dyr = fp8_linear._cast_rows(dy, r, counts)
+    for phase, a, b in (("fwd", xq.rows, wq), ("dgrad", dyr, wq), ("wgrad", dyr, xq.cols)):
+        got = fp8_linear._grouped_bf16(phase, a, b, counts)
+        call = fp8_linear._Call(r, "moe.fc1", counts, None, "torch", None, torch.float32)
+        want = fp8_linear._gemm(phase, "emulate", a, b, call)
+        assert got is not None and got.shape == want.shape, phase
+        torch.testing.assert_close(got, want, rtol=2**-7, atol=1e-5 * float(want.abs().max()))
+    assert torch.all(fp8_linear._grouped_bf16("wgrad", dyr, xq.cols, counts)[1] == 0)
