@@ -38,6 +38,7 @@ from perfmodel.specs import ClusterSpec, CollectiveFit, ModelSpec, PlanSpec, Pro
 from perfmodel.topology import Topology, topology_for
 
 _GRAPHS: dict[tuple[str, str, int], OpGraph] = {}
+_RUNS: dict[tuple, tuple] = {}  # (layer graph, profile, topology, (fwd, bwd) LayerRuns): objects pin their ids
 
 
 def _graph(model: ModelSpec, plan: PlanSpec, world: int) -> OpGraph:
@@ -169,9 +170,19 @@ def simulate(model: ModelSpec, cluster: ClusterSpec, plan: PlanSpec, profile: Pr
 
     runs: dict[str, tuple[LayerRun, LayerRun]] = {}
     for kind, lg in graph.layers.items():
-        fwd = run_layer(lg.phase("fwd"), plan.overlap, hw, ctx.cost)
-        bwd = run_layer(lg.phase("recompute", "dgrad", "wgrad"), plan.overlap, hw, ctx.cost)
-        runs[kind] = (fwd, bwd)
+        # a layer's run depends on its ops (shared across plans: OpGraph.layers), the overlap, the
+        # hardware and where its collectives' groups sit: plans differing only in the schedule, pp
+        # layout or batch reuse it
+        groups = tuple(sorted({(op.group, ctx.group(op.group, 0)) for op in lg.ops if op.kind == "comm"}))
+        key = (id(lg), plan.overlap, id(profile), id(topo), groups)
+        hit = _RUNS.get(key)
+        if hit is None or hit[0] is not lg or hit[1] is not profile or hit[2] is not topo:
+            fwd = run_layer(lg.phase("fwd"), plan.overlap, hw, ctx.cost)
+            bwd = run_layer(lg.phase("recompute", "dgrad", "wgrad"), plan.overlap, hw, ctx.cost)
+            if len(_RUNS) > 4096:
+                _RUNS.clear()
+            hit = _RUNS[key] = (lg, profile, topo, (fwd, bwd))
+        runs[kind] = hit[3]
     head_f = _serial_s([op for op in graph.head_ops if op.phase == "fwd"], hw)
     head_b = _serial_s([op for op in graph.head_ops if op.phase != "fwd"], hw)
     head_w = _serial_s([op for op in graph.head_ops if op.phase == "wgrad"], hw)
