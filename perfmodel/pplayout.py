@@ -95,7 +95,7 @@ def balanced_split(units: int, n: int) -> list[int]:
     return out
 
 
-def _default_split(layers: int, n: int, emb: bool, loss: bool) -> list[int]:
+def default_split(layers: int, n: int, emb: bool, loss: bool) -> list[int]:
     if not emb and not loss and layers % n == 0:
         return [layers // n] * n
     counts = balanced_split(layers + emb + loss, n)
@@ -112,7 +112,7 @@ def _resolve(layers: int, pp: int, vpp: int, schedule: str, spec: PipelineLayout
     n = pp * vpp
     spec = spec or PipelineLayoutSpec()
     if spec.stages is None:
-        counts = _default_split(layers, n, spec.account_for_embedding, spec.account_for_loss)
+        counts = default_split(layers, n, spec.account_for_embedding, spec.account_for_loss)
     else:
         counts = list(spec.stages)
         if len(counts) != n:

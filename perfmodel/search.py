@@ -106,7 +106,7 @@ class SearchResult:
 
 
 # ---------------------------------------------------------------------- lower bound
-def _op_seconds(op: Any, prof: ProfileSpec) -> float:
+def _op_seconds(op: Any, prof: ProfileSpec, hw: Hardware) -> float:
     """A floor on one compute-stream op's time, as the simulator's hardware model times it
     but without launch cost, the GEMM's HBM floor or comm interference: GEMM/attention FLOPs
     at the bf16 (or higher) peak x the profile's efficiency at the op's full size (a piece of
@@ -119,7 +119,7 @@ def _op_seconds(op: Any, prof: ProfileSpec) -> float:
     if op.kind not in ("gemm", "attention") or op.flops <= 0:
         return 0.0
     peak = max(prof.peak_tflops.get("bf16", 0.0), prof.peak_tflops.get(op.dtype, 0.0)) * 1e12
-    curve = prof.attention_efficiency if op.kind == "attention" else Hardware.of(prof).gemm_curve(op)
+    curve = prof.attention_efficiency if op.kind == "attention" else hw.gemm_curve(op)
     return op.flops / (peak * max(curve.at(op.flops), 1e-9))
 
 
@@ -128,14 +128,15 @@ def lower_bound_s(model: ModelSpec, plan: PlanSpec, world: int, prof: ProfileSpe
     time per micro-batch (layers incl. recomputation, embedding, head) + its optimizer step;
     the busiest stage. No communication, bubble or launch cost is counted."""
     g = OpGraph(model, plan, world)
-    per_kind = {k: sum(_op_seconds(op, prof) for op in lg.ops) for k, lg in g.layers.items()}
-    head = sum(_op_seconds(op, prof) for op in g.head_ops)
-    embed = sum(_op_seconds(op, prof) for op in g.embed_ops)
+    hw = Hardware.of(prof)  # once per bound, not per op
+    per_kind = {k: sum(_op_seconds(op, prof, hw) for op in lg.ops) for k, lg in g.layers.items()}
+    head = sum(_op_seconds(op, prof, hw) for op in g.head_ops)
+    embed = sum(_op_seconds(op, prof, hw) for op in g.embed_ops)
     worst = 0.0
     for stage in range(g.layout.pp):
         t = sum(per_kind[k] for k in g.stage_layer_kinds(stage))
         t += (head if g.holds_head(stage) else 0.0) + (embed if g.holds_embedding(stage) else 0.0)
-        worst = max(worst, g.layout.microbatches * t + _op_seconds(g.optimizer_op(stage), prof))
+        worst = max(worst, g.layout.microbatches * t + _op_seconds(g.optimizer_op(stage), prof, hw))
     return worst
 
 

@@ -63,12 +63,12 @@ def layouts_for(layers: int | None, pp: int, vpp: int) -> list[PipelineLayoutSpe
     """None (the even split) where pp*vpp divides the layers; else each distinct balanced layout."""
     if layers is None or pp == 1 or layers % (pp * vpp) == 0:
         return [None]
-    from perfmodel.pplayout import _default_split
+    from perfmodel.pplayout import default_split
 
     out: dict[tuple[int, ...], PipelineLayoutSpec] = {}
     for emb, loss in ((False, False), (True, False), (False, True), (True, True)):
         try:
-            counts = tuple(_default_split(layers, pp * vpp, emb, loss))
+            counts = tuple(default_split(layers, pp * vpp, emb, loss))
         except SpecError:
             continue
         out.setdefault(counts, PipelineLayoutSpec(account_for_embedding=emb, account_for_loss=loss))
