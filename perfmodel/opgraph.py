@@ -56,6 +56,9 @@ class Op:
     branch: str = "main"  # ops on another branch may run concurrently with "main"
     # comm: payload of the backward collective (gradients, bf16); FP8 casts: bytes of the gradient's cast
     bwd_bytes: float | None = None
+    # comm, deepep dispatcher: (top_k, expert_groups, groups_per_token or 0) — the collective sends a
+    # token once per destination node (collectives.expand); None: every (token, expert) copy
+    routing: tuple[int, int, int] | None = None
 
     @property
     def event(self) -> str:
@@ -98,9 +101,10 @@ def mem(name: str, nbytes: float) -> Op:
 
 
 def comm(name: str, collective: str, group: str, size: int, payload: float, dtype: str = ACT,
-         imbalance: float = 1.0, bwd_bytes: float | None = None) -> Op:
+         imbalance: float = 1.0, bwd_bytes: float | None = None, routing: tuple[int, int, int] | None = None) -> Op:
     return Op(name, "fwd", "comm", bytes=payload, dtype=dtype, collective=collective, group=group,
-              group_size=size, imbalance=imbalance, bwd_bytes=payload if bwd_bytes is None else bwd_bytes)
+              group_size=size, imbalance=imbalance, bwd_bytes=payload if bwd_bytes is None else bwd_bytes,
+              routing=routing)
 
 
 _REVERSE = {"all_to_all": "all_to_all", "all_gather": "reduce_scatter", "reduce_scatter": "all_gather",
@@ -217,7 +221,7 @@ class OpGraph:
         p, L = self.plan, self.layout
         key = (id(self.model), L.tp, L.sp, L.ep, L.etp, p.micro_batch, p.recompute, p.compression.dispatch,
                p.compression.combine, p.overlap.intra_op != "none" and p.overlap.chunks, p.precision,
-               p.fp8_recipe)
+               p.fp8_recipe, p.dispatcher)
         hit = _LAYERS.get(key)
         if hit is not None and hit[0] is self.model:  # id() reused by a new model: rebuild
             return hit[1]
@@ -288,6 +292,7 @@ class OpGraph:
         f = moe.expert_ffn_hidden / L.etp
         t_route = self.t_seq * k
         t_exp = t_route * L.etp * skew
+        routing = (k, moe.expert_groups, moe.groups_per_token or 0) if p.dispatcher == "deepep" else None
         norm = b.add(mem("moe.norm", self.t_seq * h * a * 3))
         b.add(gemm("moe.router", self.t_seq, moe.experts, h, dtype="fp32"), after=(norm,))
         if L.tp * L.sp > 1:
@@ -308,7 +313,7 @@ class OpGraph:
             if d == "fp8":
                 b.add(mem("moe.dispatch_quant", t_route * h * (a + 1)))
             payload = t_route * (h * BYTES[d] + (self._scale_bytes_per_token if d == "fp8" else 0))
-            b.add(comm("moe.dispatch_a2a", "all_to_all", "ep", L.ep, payload, d, skew, t_route * h * a))
+            b.add(comm("moe.dispatch_a2a", "all_to_all", "ep", L.ep, payload, d, skew, t_route * h * a, routing))
             if d == "fp8" and not self.fp8:
                 b.add(mem("moe.dispatch_dequant", t_route * skew * h * (a + 1)))
         if L.etp > 1:
@@ -328,7 +333,8 @@ class OpGraph:
                 b.add(mem("moe.combine_quant", t_route * skew * h * (a + 1)))
             # mean rank's payload, like dispatch; the hottest rank's extra is `imbalance` (skew)
             payload = t_route * (h * BYTES[c] + (self._scale_bytes_per_token if c == "fp8" else 0))
-            b.add(comm("moe.combine_a2a", "all_to_all", "ep", L.ep, payload, c, skew, t_route * skew * h * a))
+            b.add(comm("moe.combine_a2a", "all_to_all", "ep", L.ep, payload, c, skew, t_route * skew * h * a,
+                       routing))
             if c == "fp8":
                 b.add(mem("moe.combine_dequant", t_route * h * (a + 1)))
         joins = [b.fwd[-1].event]

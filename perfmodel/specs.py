@@ -46,11 +46,24 @@ class MoESpec(Strict):
     first_dense_layers: NonNegInt = 0
     routing_skew: Annotated[float, Field(ge=1, le=1000, allow_inf_nan=False)] = 1.0  # max/mean tokens per expert
     aux_loss_coeff: NonNegFloat = 0.01
+    # group-limited routing (DeepSeek-V2 device-limited, V3 node-limited; HF n_group / topk_group): the
+    # experts form `expert_groups` equal groups and a token's top_k experts come from its best
+    # `groups_per_token` groups; None: no limit
+    expert_groups: PosInt = 1
+    groups_per_token: PosInt | None = None
 
     @model_validator(mode="after")
     def _check(self) -> MoESpec:
         if self.top_k > self.experts:
             raise ValueError(f"top_k={self.top_k} exceeds experts={self.experts}")
+        if self.experts % self.expert_groups:
+            raise ValueError(f"expert_groups={self.expert_groups} does not divide experts={self.experts}")
+        if self.groups_per_token is not None:
+            if self.groups_per_token > self.expert_groups:
+                raise ValueError(f"groups_per_token={self.groups_per_token} exceeds expert_groups={self.expert_groups}")
+            if self.groups_per_token * (self.experts // self.expert_groups) < self.top_k:
+                raise ValueError(f"groups_per_token={self.groups_per_token} groups of "
+                                 f"{self.experts // self.expert_groups} experts hold fewer than top_k={self.top_k}")
         return self
 
 
@@ -342,6 +355,11 @@ class PlanSpec(Strict):
     pp_layout: PipelineLayoutSpec | None = None  # default: even split, else balanced (pplayout.py)
     # fp8: the linear layers of attention, experts and dense FFNs run FP8 GEMMs (fwd, dgrad, wgrad)
     precision: Literal["bf16", "fp8"] = "bf16"
+    # token dispatcher of expert parallelism: alltoall sends every (token, expert) copy to its GPU
+    # (Megatron-Core's alltoall dispatcher); deepep sends a token once per destination node over the
+    # network, to the GPU of the same local index, which forwards it over NVLink (DeepEP, DeepSeek-V3
+    # s.3.2.2; Megatron-Core's flex dispatcher); simulator only
+    dispatcher: Literal["alltoall", "deepep"] = "alltoall"
     # tensorwise: per-tensor current scaling (Transformer Engine's default); blockwise: DeepSeek-V3's
     # 1x128 activation tiles and 128x128 weight blocks
     fp8_recipe: Literal["tensorwise", "blockwise"] = "tensorwise"
@@ -403,6 +421,7 @@ class SearchSpace(Strict):
     schedule: list[Literal["1f1b", "interleaved", "zero-bubble", "dualpipev"]] = ["1f1b", "interleaved"]
     precision: list[Literal["bf16", "fp8"]] = ["bf16"]
     fp8_recipe: list[Literal["tensorwise", "blockwise"]] = ["tensorwise"]  # only with precision fp8
+    dispatcher: list[Literal["alltoall", "deepep"]] = ["alltoall"]  # only with ep > 1
 
 
 class NamedPlan(PlanSpec):

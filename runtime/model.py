@@ -145,6 +145,9 @@ def check_supported(plan: PlanSpec, microbatches: int | None = None) -> None:
                         f"micro-batches per replica, got {microbatches}; raise global_batch or lower micro_batch")
     if plan.etp != 1:
         raise SpecError(f"plan.etp: {plan.etp}: expert tensor parallelism is not supported by the runtime; use etp: 1")
+    if plan.dispatcher != "alltoall":
+        raise SpecError(f"plan.dispatcher: {plan.dispatcher}: the runtime dispatches with all-to-all only (the "
+                        f"node-deduplicating deepep dispatcher is simulated, not run); use dispatcher: alltoall")
     if plan.schedule in pplayout.V_SCHEDULES and plan.overlap.inter_op:
         # the split backward recomputes weight gradients through autograd from each weight's first
         # consumer node; the deferred-wgrad expert Function (runtime.overlap.experts) returns None for
