@@ -17,7 +17,7 @@ from perfmodel import yamlsafe
 
 PRESET_DIR = Path(__file__).parent / "presets"
 PRESET_SUBDIR = {"model": "models", "cluster": "clusters", "profile": "gpus"}
-KINDS = ("model", "cluster", "plan", "study", "profile")
+KINDS = ("model", "cluster", "plan", "study", "profile", "published_run")
 
 
 class SpecError(ValueError):
@@ -478,7 +478,17 @@ _KIND_MARKERS = {
     "profile": {"peak_tflops", "hbm_bw_GBps", "gemm_efficiency"},
     "model": {"layers", "hidden", "heads", "vocab"},
     "plan": {"tp", "sp", "ep", "etp", "pp", "micro_batch", "overlap", "compression", "schedule"},
+    "published_run": {"measured", "system", "assumptions"},
 }
+
+
+def spec_class(kind: str) -> type[Strict]:
+    """The class of a spec kind; a published run's lives in perfmodel.published (it builds on these)."""
+    if kind == "published_run":
+        from perfmodel.published import PublishedRun
+
+        return PublishedRun
+    return SPEC_CLASSES[kind]
 
 
 def infer_kind(data: Any, where: str) -> str:
@@ -514,7 +524,7 @@ def parse_spec(data: Any, kind: str | None, where: str) -> Strict:
         raise SpecError(f"{where}: is a {found} spec, expected a {kind}")
     kind = kind or found
     try:
-        return SPEC_CLASSES[kind].model_validate(data)
+        return spec_class(kind).model_validate(data)
     except ValidationError as exc:
         raise SpecError(_format_error(exc, where, kind)) from None
     except (TypeError, ValueError, RecursionError) as exc:  # pragma: no cover - defensive
@@ -564,7 +574,7 @@ def with_overrides(spec: Strict, overrides: dict[str, Any], where: str) -> Any:
     if not overrides:
         return spec
     data = deep_merge(spec.model_dump(mode="python"), overrides)
-    if type(spec) is SPEC_CLASSES.get(getattr(spec, "kind", "")):
+    if getattr(spec, "kind", "") in KINDS and type(spec) is spec_class(spec.kind):  # type: ignore[attr-defined]
         return parse_spec(data, spec.kind, where)  # type: ignore[attr-defined]
     try:  # a subclass (NamedPlan) or a nested part: validate as its own class
         return type(spec).model_validate(data)
