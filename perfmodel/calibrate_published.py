@@ -58,7 +58,7 @@ SHARES = {"h200": "h100-sxm"}
 PARAMS = ("compute", "compute_fp8", "fabric", "launch_us")
 START = {"compute": 0.6212, "compute_fp8": 0.6212, "fabric": 0.5880, "launch_us": 4.0}
 PRIOR = 1e-3  # weight of (ln c - ln start)^2: keeps unconstrained constants at the start
-PRIOR_FP8 = 0.05  # weight of (ln compute_fp8 - ln compute)^2: FP8 follows 16-bit without FP8 evidence
+PRIOR_FP8 = 0.01  # weight of (ln compute_fp8 - ln compute)^2: FP8 follows 16-bit without FP8 evidence
 STEP = 0.04  # forward-difference step (log constants; us for launch_us)
 CONFIDENCE = 0.9
 
