@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from perfmodel.published import PublishedRun, load_published, measured_tokens_per_s, resolve
+from perfmodel.published import load_published, measured_tokens_per_s, resolve
 from perfmodel.specs import ClusterSpec, ModelSpec, PlanSpec, ProfileSpec, with_overrides
 from perfmodel.validate import cluster_profile
 
@@ -249,8 +249,10 @@ def fit(cs: list[Case], start: dict[str, Constants], fit_launch: bool = False, j
     theta0 = np.array([_log(n, getattr(start.get(f, Constants()), n)) for f, n in params])
     theta = theta0.copy()
     pool = _Pool(jobs)
+    iterations = 0
     try:
-        for it in range(1, max_iter + 1):
+        while iterations < max_iter:
+            iterations += 1
             r, J = _evaluate(cs, theta, params, start, pool, progress)
             delta = _gn_step(r, J, theta, params, theta0)
             theta = theta + delta
@@ -259,7 +261,7 @@ def fit(cs: list[Case], start: dict[str, Constants], fit_launch: bool = False, j
         r, J = _evaluate(cs, theta, params, start, pool, progress)
     finally:
         pool.close()
-    return Fit(params, theta, r, J, it)
+    return Fit(params, theta, r, J, iterations)
 
 
 def leave_one_out(cs: list[Case], f: Fit, start: dict[str, Constants], jobs: int = 1,
