@@ -39,7 +39,7 @@ def megatron_lm(model: ModelSpec) -> float:
     attention with the model's heads x head_dim (Megatron's MLA terms came later)."""
     L, h, s = model.layers, model.hidden, model.seq_len
     q = model.heads * model.head_dim
-    gated = 1.5  # every ModelSpec FFN is gated (SwiGLU: gate, up, down)
+    gated = 1.5 if model.gated_ffn else 1.0
     attn = L * (1 + model.kv_heads / model.heads + s / h) * q / h
     ffn = gated * _ffn_widths(model) / h
     logits = model.vocab / (2 * h)

@@ -322,8 +322,9 @@ class OpGraph:
         # FP8 dispatch under precision fp8 sends the activations already quantized for the expert
         # GEMM (DeepSeek-V3): no dequantize after the all-to-all, no second cast before fc1
         pre_quantized = self.fp8 and L.ep > 1 and L.etp == 1 and p.compression.dispatch == "fp8"
-        self._gemm(b, "moe.fc1", t_exp, 2 * f, h, groups, quantized_input=pre_quantized)
-        b.add(mem("moe.act", t_exp * 3 * f * a))
+        # fc1 writes gate and up (gated) or up alone; the activation reads them and writes f
+        self._gemm(b, "moe.fc1", t_exp, (m.ffn_matrices - 1) * f, h, groups, quantized_input=pre_quantized)
+        b.add(mem("moe.act", t_exp * m.ffn_matrices * f * a))
         fc2 = self._gemm(b, "moe.fc2", t_exp, h, f, groups)
         if L.etp > 1:
             b.add(comm("moe.etp_rs", "reduce_scatter", "etp", L.etp, t_exp * h * a))
@@ -341,7 +342,7 @@ class OpGraph:
         if m.shared_ffn_hidden:
             # the shared expert only needs the normed tokens; the runtime (runtime/moe.py) runs it once
             # the experts are done, under the combine all-to-all (and its gradient in backward)
-            joins.append(self._gemm(b, "moe.shared", self.t_seq, 3 * m.shared_ffn_hidden, h, after=(fc2,),
+            joins.append(self._gemm(b, "moe.shared", self.t_seq, m.ffn_matrices * m.shared_ffn_hidden, h, after=(fc2,),
                                     branch="shared"))
         b.add(mem("moe.unpermute", t_route * h * a * 2 + self.t_seq * h * a * 2), after=tuple(joins))
 
@@ -359,8 +360,8 @@ class OpGraph:
         b.add(mem("ffn.norm", self.t_seq * h * a * 3))
         if L.tp > 1:
             b.add(comm("ffn.tp_ag", "all_gather", "tp", L.tp, self.t_attn * h * a))
-        self._gemm(b, "ffn.fc1", self.t_attn, 2 * f, h)
-        b.add(mem("ffn.act", self.t_attn * 3 * f * a))
+        self._gemm(b, "ffn.fc1", self.t_attn, (m.ffn_matrices - 1) * f, h)
+        b.add(mem("ffn.act", self.t_attn * m.ffn_matrices * f * a))
         self._gemm(b, "ffn.fc2", self.t_attn, h, f)
         if L.tp > 1:
             b.add(comm("ffn.tp_rs", "reduce_scatter", "tp", L.tp, self.t_attn * h * a))
@@ -374,15 +375,15 @@ class OpGraph:
         dense_local = (m.attn_params + m.hidden) / L.tp
         expert_local = 0.0
         if moe:
-            dense_local += m.hidden * m.moe.experts + 3 * m.hidden * m.shared_ffn_hidden / L.tp
+            dense_local += m.hidden * m.moe.experts + m.ffn_matrices * m.hidden * m.shared_ffn_hidden / L.tp
             expert_local = m.moe.experts / L.ep * m.expert_params / L.etp
         else:
-            dense_local += 3 * m.hidden * (m.dense_ffn_hidden or 0) / L.tp
+            dense_local += m.ffn_matrices * m.hidden * (m.dense_ffn_hidden or 0) / L.tp
         ops = tuple(b.fwd) + tuple(_backward(b.fwd, self.plan.recompute))
         params = {"dp_sp": dense_local, **({"edp": expert_local} if moe else {})}
         fp8_params = 0.0
         if self.fp8:
-            ffn = 3 * m.hidden * (m.shared_ffn_hidden if moe else (m.dense_ffn_hidden or 0)) / L.tp
+            ffn = m.ffn_matrices * m.hidden * (m.shared_ffn_hidden if moe else (m.dense_ffn_hidden or 0)) / L.tp
             fp8_params = (m.attn_in_params + m.attn_out_params) / L.tp + ffn + expert_local
         return LayerGraph("moe" if moe else "dense", ops, params, fp8_params)
 

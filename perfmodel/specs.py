@@ -92,6 +92,9 @@ class ModelSpec(Strict):
     moe: MoESpec | None = None
     mla: MLASpec | None = None
     tie_embeddings: bool = False
+    # True: gated FFNs (SwiGLU: gate, up, down); False: two-matrix FFNs (up, down: Nemotron-4's
+    # squared ReLU, GPT's GeLU). Applies to dense, shared and routed-expert FFNs alike
+    gated_ffn: bool = True
 
     @model_validator(mode="after")
     def _check(self) -> ModelSpec:
@@ -147,6 +150,11 @@ class ModelSpec(Strict):
             return 0
         return self.moe.shared_experts * (self.moe.shared_expert_ffn_hidden or self.moe.expert_ffn_hidden)
 
+    @property
+    def ffn_matrices(self) -> int:
+        """Weight matrices of one FFN of width f (each h x f): 3 gated (gate, up, down), 2 otherwise."""
+        return 3 if self.gated_ffn else 2
+
     # --- parameter counts ----------------------------------------------------------
     @property
     def attn_in_params(self) -> int:
@@ -170,19 +178,19 @@ class ModelSpec(Strict):
 
     @property
     def expert_params(self) -> int:
-        """One routed expert (SwiGLU: gate, up, down)."""
-        return 3 * self.hidden * self.moe.expert_ffn_hidden if self.moe else 0
+        """One routed expert (SwiGLU: gate, up, down; non-gated: up, down)."""
+        return self.ffn_matrices * self.hidden * self.moe.expert_ffn_hidden if self.moe else 0
 
     @property
     def moe_layer_params(self) -> int:
         assert self.moe
         router = self.hidden * self.moe.experts
-        shared = 3 * self.hidden * self.shared_ffn_hidden
+        shared = self.ffn_matrices * self.hidden * self.shared_ffn_hidden
         return self.attn_params + self.hidden + router + shared + self.moe.experts * self.expert_params
 
     @property
     def dense_layer_params(self) -> int:
-        return self.attn_params + self.hidden + 3 * self.hidden * (self.dense_ffn_hidden or 0)
+        return self.attn_params + self.hidden + self.ffn_matrices * self.hidden * (self.dense_ffn_hidden or 0)
 
     @property
     def embedding_params(self) -> int:

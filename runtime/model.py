@@ -88,6 +88,9 @@ class Stage(nn.Module):
         self.last = hi == spec.layers if last is None else last
         if spec.tie_embeddings and not (self.first and self.last):
             raise SpecError("model.tie_embeddings: not supported with pipeline parallelism (pp>1); untie them")
+        if not spec.gated_ffn:
+            raise SpecError("model.gated_ffn: false (two-matrix FFN) is simulated only; the runtime builds SwiGLU "
+                            "FFNs: set gated_ffn: true to run it")
         if self.first:
             self.embed = make_param("embed", (spec.vocab, spec.hidden), seed, 0.02)
         self.layers = nn.ModuleDict({str(i): Block(spec, plan, par, i, seed) for i in range(lo, hi)})
