@@ -55,14 +55,19 @@ class Data:
         return (start + stride * torch.arange(s)[None, :]) % self.vocab
 
     def identity(self) -> dict:
-        """What a checkpoint records to refuse a resume on other data (file contents are not hashed)."""
-        return {"kind": "bytes" if self.text is not None else "synthetic"}
+        return plain_identity(self.text is not None)
 
     def position(self, step: int) -> dict:
         return {"consumed_samples": step * self.global_batch}
 
     def resume(self, saved_identity: dict | None, saved_position: dict | None, step: int, where: str) -> None:
         check_same_data(saved_identity, self.identity(), where)  # batches follow from the step alone
+
+
+def plain_identity(from_files: bool) -> dict:
+    """What a checkpoint records to refuse a resume on other data: for text files only that they are
+    text (their bytes are not hashed), else synthetic."""
+    return {"kind": "bytes" if from_files else "synthetic"}
 
 
 def open_data(paths: list[str], vocab: int, seq_len: int, global_batch: int, seed: int,
@@ -95,7 +100,7 @@ def check_for_launch(paths: list[str], model: ModelSpec, global_batch: int, seed
                             "`vocab`, after --scale)")
         identity = data.identity()
     else:  # text files are read by the ranks (as before); nothing here needs their bytes
-        identity = Data(model.vocab, model.seq_len, global_batch, seed, torch.zeros(0) if paths else None).identity()
+        identity = plain_identity(bool(paths))
     if resume_meta is not None:
         check_same_data(resume_meta.get("data"), identity, where)
 
