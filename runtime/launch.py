@@ -2,10 +2,9 @@
 
     moeperf run --model tiny-moe --plan plan.yaml --nproc 4 --steps 200 --out runs/x [--data DIR|FILES...]
 
-The plan is validated with perfmodel.layout.plan_layout *before* anything starts, and so is the
-data (runtime.data.check_for_launch: a token folder's index, size, SHA-256 and vocabulary; on
---resume, that the checkpoint was trained on it). Bad input: SpecError -> one line, exit 2.
-Ranks run `python -m runtime.train` under `python -m torch.distributed.run` (gloo on CPU, NCCL on GPU); rank 0 prints a progress line per
+The plan is validated with perfmodel.layout.plan_layout *before* anything starts (bad input:
+SpecError -> one line, exit 2). Ranks run `python -m runtime.train` under
+`python -m torch.distributed.run` (gloo on CPU, NCCL on GPU); rank 0 prints a progress line per
 step. If a rank raises, torchrun stops the others (their collectives also fail fast: gloo sees
 the closed connection, and every process group has a timeout), and we exit 1 naming the rank.
 """
