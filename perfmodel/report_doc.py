@@ -19,6 +19,7 @@ from perfmodel.uncertainty import NO_BAND, describe, fmt_conf, fmt_pct, fmt_toke
 LABELS = {"compute_s": "compute", "exposed_comm_s": "exposed comm", "bubble_s": "pipeline bubble",
           "grad_sync_s": "grad sync (exposed)", "optimizer_s": "optimizer", "other_s": "other"}
 TOLERANCE = 0.10  # the reproduction target: within +-10 % of the paper
+MAX_TIES_LISTED = 25  # candidates listed by name in the report (all of them are counted)
 
 
 class Doc:
@@ -269,11 +270,13 @@ def tie_words(result: SearchResult, best: Row) -> tuple[list[Row], str]:
 def ties_section(doc: Doc, result: SearchResult, best: Row) -> None:
     ties, sentence = tie_words(result, best)
     unc = unc_of(result, best.variant)
-    doc.p(sentence + (f" Band: {describe(unc)}." if unc is not None else ""))
+    doc.p(sentence + (f" The {describe(unc)}." if unc is not None else ""))
     if len(ties) > 1:
         doc.bullets([f"`{r.plan.name}`{f' [{r.variant}]' if len(result.variants) > 1 else ''}: "
                      f"{fmt_tokens(r.tokens_per_s, unc)} tokens/s, {100 * r.metrics['mfu']:.1f} % MFU, "
-                     f"step {r.step_time_s:.3f} s" for r in ties])
+                     f"step {r.step_time_s:.3f} s" for r in ties[:MAX_TIES_LISTED]]
+                    + ([f"... and {len(ties) - MAX_TIES_LISTED} more (`plans.csv` ranks them)"]
+                       if len(ties) > MAX_TIES_LISTED else []))
 
 
 def winner_section(doc: Doc, result: SearchResult, best: Row) -> None:
@@ -363,6 +366,7 @@ def fill_sections(doc: Doc, result: SearchResult, best: Row | None, details: dic
         doc.img(file, caption)
     doc.h2("Files")
     doc.bullets(["`plans.csv`: every plan with its fields, status, reason and predictions"]
-                + (["`best_plan.yaml`: the winner (`moeperf simulate --plan`, `moeperf run --plan`)",
+                + ([f"`best_plan.yaml`: the {'winner' if len(tie_words(result, best)[0]) == 1 else 'highest prediction'}"
+                    " (`moeperf simulate --plan`, `moeperf run --plan`)",
                     "`best_timeline.json`: the winner's simulated iteration (open in https://ui.perfetto.dev)"]
                    if best is not None else []))

@@ -284,9 +284,10 @@ def scaling_chart(result: SearchResult, path: Path) -> bool:
             ax.plot(*zip(*pred, strict=True), marker="o", color=color, lw=1.8, label=f"{name}: predicted")
             bands = [(x, y, band(y, v.profile.uncertainty)) for v in variants for x, y in pred if x == v.world]
             bands = [(x, y, lo, hi) for x, y, (lo, hi) in bands if lo is not None and hi is not None]
-            if bands:  # the profile's error band on each prediction
-                ax.errorbar([b[0] for b in bands], [b[1] for b in bands], fmt="none", ecolor=color, capsize=3,
-                            elinewidth=1, yerr=[[y - lo for _, y, lo, _ in bands], [hi - y for _, y, _, hi in bands]])
+            if bands:  # the profile's error band on each prediction, shaded (bars of the plans would overlap)
+                bands.sort()
+                ax.fill_between([b[0] for b in bands], [b[2] for b in bands], [b[3] for b in bands], color=color,
+                                alpha=0.12, lw=0)
                 top = max([top] + [b[3] for b in bands])
         if paper:
             ax.plot(*zip(*paper, strict=True), marker="s", mfc="none", ls="--", color=color, lw=1.4,
@@ -301,7 +302,9 @@ def scaling_chart(result: SearchResult, path: Path) -> bool:
     ax.set_xticks([v.world for v in variants], [f"{v.world:,}" for v in variants])
     ax.set_xlabel("GPUs")
     ax.set_ylabel("tokens/s per GPU")
-    ax.set_title(f"{result.study.name}: tokens/s per GPU (labels: predicted vs paper)")
+    shaded = any(v.profile.uncertainty is not None for v in variants)
+    ax.set_title(f"{result.study.name}: tokens/s per GPU (labels: predicted vs paper"
+                 + ("; shaded: the profile's error band)" if shaded else ")"))
     ax.set_ylim(0, 1.12 * top or 1.0)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=9, loc="lower left")

@@ -95,8 +95,9 @@ def describe(unc: UncertaintySpec | None) -> str:
     """One sentence on where the band comes from (or NO_BAND)."""
     if unc is None:
         return NO_BAND
-    return (f"error band ±{fmt_pct(unc)} at {fmt_conf(unc)} confidence: RMS log residual "
-            f"{unc.loo_log_rms:.3f} over {unc.n_runs} runs ({unc.method})")
+    how = f": {unc.method}" if unc.method else ""
+    return (f"error band ±{fmt_pct(unc)} at {fmt_conf(unc)} confidence (RMS log residual "
+            f"{unc.loo_log_rms:.3f} over {unc.n_runs} runs{how})")
 
 
 def tie_set(ranked: Sequence[T], unc: UncertaintySpec | None,
