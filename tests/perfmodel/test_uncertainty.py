@@ -227,3 +227,20 @@ def test_banded_report_with_variants_draws_error_bars_and_is_byte_stable(tmp_pat
     md = (outs[0] / "report.md").read_text()
     assert "plans within error of its best" in md and "± 12 %" in md
     assert "within the model's error of the winner" in md or "is the winner" in md
+
+
+def test_search_cli_names_the_candidates(tmp_path, capsys):
+    prof = with_overrides(load_spec("h100-sxm", "profile"), {"uncertainty": UNC}, "t")
+    (tmp_path / "prof.yaml").write_text(yaml.safe_dump(prof.model_dump(mode="json", exclude_none=True)))
+    (tmp_path / "s.yaml").write_text(STUDY.replace("global_batch: 64", "global_batch: 64\nprofile: prof.yaml"))
+    args = ["search", str(tmp_path / "s.yaml"), "--out", str(tmp_path / "o"), "--jobs", "1", "--quiet"]
+    assert cli(args + ["--json"]) == 0
+    js = json.loads(capsys.readouterr().out)
+    ties = js["within_error_of_winner"]
+    assert ties and ties[0] == js["top"][0]["name"] and js["uncertainty"]["halfwidth_pct"] == pytest.approx(12.39, abs=0.01)
+    floor = js["top"][0]["tokens_per_s"] * math.exp(-log_halfwidth(prof.uncertainty))
+    assert ties == [r["name"] for r in js["top"] if r["tokens_per_s"] >= floor]
+    assert cli(args) == 0
+    printed = capsys.readouterr().out
+    assert "± 12 %" in printed
+    assert (f"candidates: {', '.join(ties)}" in printed) if len(ties) > 1 else "is the winner" in printed
