@@ -244,3 +244,13 @@ def test_search_cli_names_the_candidates(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "± 12 %" in printed
     assert (f"candidates: {', '.join(ties)}" in printed) if len(ties) > 1 else "is the winner" in printed
+
+
+def test_a_fit_does_not_inherit_its_base_profiles_band():
+    from test_calibrate import _samples
+
+    from perfmodel.calibrate import fit_profile
+
+    base = with_overrides(load_spec("cpu", "profile"), {"uncertainty": UNC}, "t")
+    prof, _ = fit_profile(_samples(load_spec("cpu", "profile"), base), base, ["runA"], link_bw_GBps=5.0)
+    assert prof.uncertainty is None
