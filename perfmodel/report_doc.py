@@ -197,7 +197,9 @@ def paper_section(doc: Doc, result: SearchResult, details: dict[int, dict[str, A
             what += f" @{variant}" if variant != v0 else ""
         err = (pred - paper) / paper if pred is not None and paper else None
         ok = err is not None and abs(err) <= TOLERANCE
-        rows.append([what, fmt.format(paper), "-" if pred is None else fmt.format(pred),
+        unc = unc_of(result, variant) if metric == "tokens_per_s" else None  # a band is on tokens/s only
+        rows.append([what, fmt.format(paper), "-" if pred is None else fmt.format(pred) + (
+                     f" ± {fmt_pct(unc)}" if unc is not None else ""),
                      "-" if err is None else f"{100 * err:+.1f} %", "yes" if ok else "**no**"])
         if not ok and target is not None:
             misses.append((what, err, target, base, paper if metric == "speedup" else 1.0))
