@@ -105,6 +105,18 @@ def _differences(recorded: Any, expected: dict[str, Any]) -> list[str]:
                   or k not in recorded and expected.get(k) != _DEFAULTS.get(k, object()))
 
 
+def _filled(recorded: Any, cls: type[ModelSpec] | type[PlanSpec]) -> Any:
+    """A recorded model or plan with the fields added since it was recorded (nested ones too, e.g.
+    moe.expert_groups) at their defaults, which is what the run used; as recorded if it does not
+    validate (then every differing key is named)."""
+    if not isinstance(recorded, dict):
+        return recorded
+    try:
+        return cls.model_validate(recorded).model_dump(mode="json")
+    except ValueError:  # pydantic's ValidationError is a ValueError
+        return recorded
+
+
 def check_recorded(run_dir: Path, model: ModelSpec, plan: NamedPlan, world: int) -> None:
     """Refuse traces recorded from another model, plan or world size than the study's (naming what differs)."""
     meta = read_meta(run_dir)
@@ -112,7 +124,8 @@ def check_recorded(run_dir: Path, model: ModelSpec, plan: NamedPlan, world: int)
     got_plan = meta.get("plan")
     if isinstance(got_plan, dict):
         got_plan = {k: v for k, v in got_plan.items() if k != "calibrate"}
-    for what, got, want in (("model", meta.get("model"), model.model_dump(mode="json")), ("plan", got_plan, want_plan)):
+    for what, got, want in (("model", _filled(meta.get("model"), ModelSpec), model.model_dump(mode="json")),
+                            ("plan", _filled(got_plan, PlanSpec), want_plan)):
         diff = _differences(got, want)
         if diff:
             raise SpecError(f"{run_dir}/meta.yaml: recorded with a different {what} than the study's "

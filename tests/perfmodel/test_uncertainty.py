@@ -253,3 +253,26 @@ def test_a_fit_does_not_inherit_its_base_profiles_band():
     base = with_overrides(load_spec("cpu", "profile"), {"uncertainty": UNC}, "t")
     prof, _ = fit_profile(_samples(load_spec("cpu", "profile"), base), base, ["runA"], link_bw_GBps=5.0)
     assert prof.uncertainty is None
+
+
+def test_compare_reads_traces_recorded_before_newer_model_fields(tmp_path):
+    """traces/h100-1gpu/ predate model.gated_ffn and moe.expert_groups: the recorded model reads with
+    their defaults (what the run used), so `moeperf compare studies/h100-1gpu.yaml` can give its band;
+    a real difference is still refused, naming the field."""
+    import shutil
+    from pathlib import Path
+
+    from perfmodel.compare import check_recorded, plan_of, study_specs
+
+    repo = Path(__file__).resolve().parents[2]
+    study = load_spec(str(repo / "studies" / "h100-1gpu.yaml"), "study")
+    model, _cluster, world = study_specs(study)
+    plan = plan_of(study, study.plans[0])
+    run = repo / "traces" / "h100-1gpu" / plan.name
+    assert "gated_ffn" not in (run / "meta.yaml").read_text()
+    check_recorded(run, model, plan, world)
+    other = tmp_path / plan.name
+    other.mkdir()
+    shutil.copy(run / "meta.yaml", other / "meta.yaml")
+    with pytest.raises(SpecError, match=r"model\.layers"):
+        check_recorded(other, with_overrides(model, {"layers": 5}, "t"), plan, world)
