@@ -30,7 +30,7 @@ from perfmodel.calibrate_published import (
     summary,
     uncertainty,
 )
-from perfmodel.specs import ProfileSpec, SpecError, load_spec
+from perfmodel.specs import ProfileSpec, SpecError, UncertaintySpec, load_spec
 
 MARKER = "# >>> production constants"
 GENERATED = ("gemm_efficiency", "grouped_gemm_efficiency", "fp8_gemm_efficiency", "fp8_grouped_gemm_efficiency",
@@ -57,8 +57,8 @@ def _start(family: str) -> Constants:
 
 def _profile(base: ProfileSpec, c: Constants, names: list[str], unc: dict) -> ProfileSpec:
     p = production_profile(base, c)
-    return p.model_copy(update={"calibrated_from": names, "uncertainty": unc} if "uncertainty" in
-                        ProfileSpec.model_fields else {"calibrated_from": names})
+    # validated: a raw dict in the field would skip the block's checks and break its readers
+    return p.model_copy(update={"calibrated_from": names, "uncertainty": UncertaintySpec.model_validate(unc)})
 
 
 def _block(p: ProfileSpec, family: str, c: Constants, fitted_on: str, stats: dict) -> str:

@@ -51,7 +51,7 @@ def test_fit_recovers_the_constants_and_loo_predicts_held_out_runs(synthetic):
     assert got.compute == pytest.approx(TRUE.compute, rel=0.05)
     assert got.fabric == pytest.approx(TRUE.fabric, rel=0.06)
     assert got.compute_fp8 == pytest.approx(TRUE.compute_fp8, rel=0.08)
-    assert max(abs(r) for r in f.residuals) < 0.01
+    assert max(abs(r) for r in f.residuals) < 0.02
     loo, held = leave_one_out(cs, f, {})
     assert len(held) == len(cs)
     by = {c.name: r for c, r in zip(cs, loo, strict=True)}
@@ -89,6 +89,11 @@ def test_outputs_and_preset_block(tmp_path, synthetic):
     prof = yaml.safe_load((tmp_path / "out" / "h100-sxm.yaml").read_text())
     assert prof["calibrated_from"] == sorted(PLANS)
     assert math.isclose(prof["gemm_efficiency"]["max"], 0.770352 * res["constants"]["h100-sxm"]["compute"], rel_tol=1e-4)
+    # the written profile loads with its error band (perfmodel.specs.UncertaintySpec validates it)
+    from perfmodel.specs import load_spec
+
+    band = load_spec(str(tmp_path / "out" / "h100-sxm.yaml"), "profile").uncertainty
+    assert band is not None and band.n_runs == 5 and band.confidence == 0.9
     write_preset(preset, MARKER + ": new\nx: 1\n")
     assert preset.read_text() == "# hand-written\nkind: profile\n" + MARKER + ": new\nx: 1\n"
 
