@@ -10,7 +10,7 @@ import yaml
 from perfmodel.calibrate_published import Constants, cases, fit, leave_one_out, predict, summary, uncertainty
 from perfmodel.calibrate_published_cli import MARKER, calibrate_published, write_preset
 
-TRUE = Constants(compute=0.8, compute_fp8=0.95, fabric=0.45, launch_us=4.0)
+TRUE = Constants(compute=0.8, compute_fp8=0.95, fabric=0.45, nvlink=0.45, launch_us=4.0)
 PLANS = {  # compute only (one GPU), data parallel, network-bound (EP over 2 nodes), pipeline, FP8
     "one-gpu": ({"nodes": 1, "gpus_per_node": 1, "network": {"nics_per_node": 1}}, {"global_batch": 8}),
     "dense-tp1": ({"nodes": 1}, {"tp": 1, "global_batch": 64}),
@@ -55,7 +55,7 @@ def test_fit_recovers_the_constants_and_loo_predicts_held_out_runs(synthetic):
     loo, held = leave_one_out(cs, f, {})
     assert len(held) == len(cs)
     by = {c.name: r for c, r in zip(cs, loo, strict=True)}
-    assert max(abs(by[n]) for n in ("one-gpu", "dense-tp1", "ep16", "pp2-tp4")) < 0.03
+    assert max(abs(by[n]) for n in ("one-gpu", "dense-tp1", "ep16", "pp2-tp4")) < 0.05
     # the only FP8 run, held out, leaves no FP8 evidence: its constant follows the 16-bit one (the
     # prior), below the true FP8 constant, so the run is under-predicted
     assert by["fp8-ep8"] < -0.05
