@@ -12,7 +12,7 @@ production constants, fitted here per GPU family (the profile a run's cluster na
   nvlink       x the NVLink efficiency; without evidence it follows `fabric` (prior PRIOR_TIE)
   launch_us    optionally (`--fit-launch`), the per-op launch overhead (`launch_overhead_us`)
 by least squares on r = ln(predicted / measured tokens/s), every run weighted alike, with a weak
-prior (PRIOR) toward the starting constants so a constant no run constrains stays put.
+prior (PRIOR) toward fixed START constants so a constant no run constrains stays put.
 
 The fit is Gauss-Newton on exact simulations: each iteration simulates every run at the current
 constants and once per constant it depends on (forward differences in the log). ln(tokens/s) is
@@ -177,6 +177,12 @@ def _depends(case: Case, param: tuple[str, str]) -> bool:
     return fam == case.family and (name != "compute_fp8" or case.precision == "fp8")
 
 
+def _prior_center(params: list[tuple[str, str]]) -> np.ndarray:
+    """The priors' center: the fixed START constants, so the fit does not depend on where it starts
+    (the presets' current constants) and regenerating the presets is reproducible."""
+    return np.array([_log(n, START[n]) for _, n in params])
+
+
 def _prior_rows(theta: np.ndarray, params: list[tuple[str, str]], theta0: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Residual rows and their Jacobian for the priors."""
     rows, jac = [], []
@@ -250,8 +256,8 @@ def _gn_step(r: np.ndarray, J: np.ndarray, theta: np.ndarray, params: list[tuple
 def fit(cs: list[Case], start: dict[str, Constants], fit_launch: bool = False, jobs: int = 1,
         max_iter: int = 6, progress=None) -> Fit:
     params = free_params(cs, fit_launch)
-    theta0 = np.array([_log(n, getattr(start.get(f, Constants()), n)) for f, n in params])
-    theta = theta0.copy()
+    theta0 = _prior_center(params)
+    theta = np.array([_log(n, getattr(start.get(f, Constants()), n)) for f, n in params])  # where GN starts
     pool = _Pool(jobs)
     iterations = 0
     try:
@@ -271,7 +277,7 @@ def fit(cs: list[Case], start: dict[str, Constants], fit_launch: bool = False, j
 def leave_one_out(cs: list[Case], f: Fit, start: dict[str, Constants], jobs: int = 1,
                   progress=None) -> tuple[np.ndarray, list[Constants]]:
     """Each run's log residual predicted by the constants fitted without it."""
-    theta0 = np.array([_log(n, getattr(start.get(fam, Constants()), n)) for fam, n in f.params])
+    theta0 = _prior_center(f.params)
     held: list[Constants] = []
     for i, case in enumerate(cs):
         keep = np.array([j != i for j in range(len(cs))])
