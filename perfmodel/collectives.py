@@ -29,7 +29,7 @@ import numpy as np
 import simpy
 
 from perfmodel.sim.fluid import FluidNet
-from perfmodel.topology import Topology
+from perfmodel.topology import LINK_CLASSES, Topology
 
 MAX_FLUID_FLOWS = 4096  # above this, a phase's time is its most loaded link (exact when flows end together)
 
@@ -41,10 +41,17 @@ class Flow:
     bytes: float  # per byte of payload
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Phase:
-    flows: tuple[Flow, ...]
+    """Flows that start together, as arrays (a 100k-GPU group's phase has ~10^5 flows)."""
+    src: np.ndarray
+    dst: np.ndarray
+    bytes: np.ndarray  # per byte of payload
     steps: int  # latency steps (ring hops in sequence)
+
+    @property
+    def flows(self) -> tuple[Flow, ...]:
+        return tuple(Flow(a, b, x) for a, b, x in zip(self.src.tolist(), self.dst.tolist(), self.bytes.tolist(), strict=True))
 
 
 @dataclass(frozen=True)
@@ -58,50 +65,45 @@ class CollectiveCost:
         return self.latency_s + payload_bytes * self.s_per_byte if payload_bytes > 0 else 0.0
 
 
-def _ring(ranks: tuple[int, ...], frac: float, steps: int) -> Phase:
-    n = len(ranks)
-    return Phase(tuple(Flow(ranks[i], ranks[(i + 1) % n], frac) for i in range(n)), steps)
-
-
-def _by_node(topo: Topology, group: tuple[int, ...]) -> list[list[int]]:
-    nodes: dict[int, list[int]] = {}
-    for r in group:
-        nodes.setdefault(r // topo.domain_gpus, []).append(r)
-    return [nodes[k] for k in sorted(nodes)]
+def _rings(rings: np.ndarray, frac: float, steps: int) -> Phase:
+    """Rings (one per row) in parallel: each rank sends `frac` to its successor."""
+    src = rings.ravel()
+    return Phase(src, np.roll(rings, -1, axis=1).ravel(), np.full(src.size, frac), steps)
 
 
 def expand(collective: str, group: tuple[int, ...], topo: Topology, imbalance: float = 1.0) -> tuple[str, list[Phase]]:
     """(algorithm name, phases of flows per byte of payload) for the group's collective."""
     n = len(group)
+    g = np.asarray(group, dtype=np.int64)
     if collective == "send_recv":
-        return "p2p", [Phase((Flow(group[0], group[-1], 1.0),), 1)] if n > 1 else []
+        return "p2p", [Phase(g[:1], g[-1:], np.ones(1), 1)] if n > 1 else []
     if n <= 1:
         return "none", []
     if collective == "all_to_all":
-        rep = group[0]
-        flows = tuple(Flow(a, b, (imbalance if rep in (a, b) else 1.0) / n) for a in group for b in group if a != b)
-        return "pairwise", [Phase(flows, 1)]
-    nodes = _by_node(topo, group)
-    k, l = len(nodes), len(nodes[0])
-    hier = k > 1 and l > 1 and all(len(x) == l for x in nodes)
+        a, b = np.repeat(g, n), np.tile(g, n)
+        off = a != b
+        a, b = a[off], b[off]
+        hot = (a == g[0]) | (b == g[0])  # flows to/from the representative rank scale by the imbalance
+        return "pairwise", [Phase(a, b, np.where(hot, imbalance, 1.0) / n, 1)]
+    dom = g // topo.domain_gpus
+    order = np.argsort(dom, kind="stable")  # by NVLink domain, the group's order inside one
+    _, per = np.unique(dom, return_counts=True)
+    k, l = len(per), int(per[0])
+    hier = k > 1 and l > 1 and bool((per == l).all())
     if not hier:
         f = (n - 1) / n
         if collective == "all_reduce":
-            return "ring", [_ring(group, 2 * f, 2 * (n - 1))]
-        return "ring", [_ring(group, f, n - 1)]
+            return "ring", [_rings(g[None, :], 2 * f, 2 * (n - 1))]
+        return "ring", [_rings(g[None, :], f, n - 1)]
     fl, fk = (l - 1) / l, (k - 1) / k
-    intra = [tuple(x) for x in nodes]
-    rails = [tuple(x[i] for x in nodes) for i in range(l)]
-
-    def par(rings: list[tuple[int, ...]], frac: float, steps: int) -> Phase:
-        return Phase(tuple(f for r in rings for f in _ring(r, frac, steps).flows), steps)
-
-    rs_in, ag_in = par(intra, fl, l - 1), par(intra, fl, l - 1)
+    intra = g[order].reshape(k, l)
+    rails = intra.T.copy()
+    rs_in, ag_in = _rings(intra, fl, l - 1), _rings(intra, fl, l - 1)
     if collective == "reduce_scatter":
-        return "hierarchical", [rs_in, par(rails, fk / l, k - 1)]
+        return "hierarchical", [rs_in, _rings(rails, fk / l, k - 1)]
     if collective == "all_gather":
-        return "hierarchical", [par(rails, fk / l, k - 1), ag_in]
-    return "hierarchical", [rs_in, par(rails, 2 * fk / l, 2 * (k - 1)), ag_in]
+        return "hierarchical", [_rings(rails, fk / l, k - 1), ag_in]
+    return "hierarchical", [rs_in, _rings(rails, 2 * fk / l, 2 * (k - 1)), ag_in]
 
 
 def _coarse(cls: str) -> str:
@@ -109,37 +111,63 @@ def _coarse(cls: str) -> str:
 
 
 def _phase_time(phase: Phase, topo: Topology, n_groups: int) -> tuple[float, float, str]:
-    """(latency_s, s_per_byte, bounding class) of one phase of the representative group."""
-    routes = [(f, topo.route(f.src, f.dst)) for f in phase.flows]
-    routes = [(f, r) for f, r in routes if r]
-    if not routes:
+    """(latency_s, s_per_byte, bounding class) of one phase of the representative group.
+
+    Vectorized over flows; every sum runs in the order a per-flow loop would take (flows in
+    order, a route's hops in order, links in order of first use), so the figures do not depend
+    on the group's size."""
+    routes = topo.routes_array(phase.src, phase.dst)
+    used = (routes >= 0).any(axis=1)
+    if not used.any():
         return 0.0, 0.0, "none"
-    load: dict[int, float] = {}
-    for f, r in routes:
-        for link in r:
-            load[link] = load.get(link, 0.0) + f.bytes
-    class_load: dict[str, float] = {}
-    for link, b in load.items():
-        class_load[topo.cls[link]] = class_load.get(topo.cls[link], 0.0) + b
-    cap = {}
-    for link, b in load.items():
-        c = topo.cls[link]
-        mean = n_groups * class_load[c] / topo.links_of_class[c]
-        cap[link] = topo.cap_Bps[link] * min(1.0, b / mean) if mean > b else topo.cap_Bps[link]
-    bott = max(load, key=lambda x: (load[x] / cap[x], -x))
+    routes, fbytes = routes[used], phase.bytes[used]
+    flat = routes.ravel()
+    hop = flat >= 0
+    weights = np.repeat(fbytes, routes.shape[1])[hop]
+    flat = flat[hop]
+    links, first = np.unique(flat, return_index=True)  # sorted ids
+    dense = np.zeros(int(links[-1]) + 1, dtype=np.int64)
+    dense[links] = np.arange(links.size)  # link id -> its position in `links`
+    load = np.bincount(dense[flat], weights=weights, minlength=links.size)  # per link, in flow order
+    cap0, lat, code = topo.link_arrays(links)
+    cap = cap0.copy()
+    seen = np.argsort(first, kind="stable")  # links in order of first use
+    for c in np.unique(code):
+        mine = seen[code[seen] == c]
+        class_load = float(np.cumsum(load[mine])[-1])  # sequential, in order of first use
+        mean = n_groups * class_load / topo.links_of_class[LINK_CLASSES[c]]
+        over = mine[mean > load[mine]]
+        cap[over] = cap0[over] * np.minimum(1.0, load[over] / mean)
+    ratio = load / cap
+    top = ratio.max()
+    b = int(np.flatnonzero(ratio == top)[0])  # ties: the lowest link id
     if len(routes) > MAX_FLUID_FLOWS:
-        t = load[bott] / cap[bott]
+        t = float(load[b] / cap[b])
     else:
         env = simpy.Environment()
-        net = FluidNet(env, cap)
-        net.submit_many([(f.bytes, r) for f, r in routes])
+        net = FluidNet(env, dict(zip(links.tolist(), cap.tolist(), strict=True)))
+        net.submit_many([(x, tuple(r[r >= 0].tolist())) for x, r in zip(fbytes.tolist(), routes, strict=True)])
         env.run()
         t = env.now
-    lat = phase.steps * max(topo.route_latency_s(r) for _, r in routes)
-    return lat, t, _coarse(topo.cls[bott])
+    hop_lat = np.where(routes >= 0, lat[dense[np.maximum(routes, 0)]], 0.0)
+    route_lat = hop_lat[:, 0].copy()
+    for h in range(1, routes.shape[1]):  # a route's hops in order, as route_latency_s sums them
+        route_lat += hop_lat[:, h]
+    return phase.steps * float(route_lat.max()), t, _coarse(LINK_CLASSES[code[b]])
 
 
 _CACHE: dict[tuple, CollectiveCost] = {}
+
+
+def _canonical(topo: Topology, group: tuple[int, ...]) -> tuple[int, ...]:
+    """The group moved down by whole fabric blocks (Topology.translation_gpus): a translate of a
+    group on identical full leaves crosses the same link classes with the same capacities, flow
+    for flow, so it costs the same (bit for bit): one pricing per shape, not per placement."""
+    block = topo.translation_gpus
+    lo = min(group) // block * block if group else 0
+    if lo == 0 or max(group) >= topo.full_leaf_gpus:
+        return group
+    return tuple(r - lo for r in group)
 
 
 def latency_steps(collective: str, n: int, exponent: float = 1.0) -> float:
@@ -175,6 +203,7 @@ def straggler_wait_s(skew: float, interval_s: float, n: int) -> float:
 def collective_cost(topo: Topology, collective: str, group: tuple[int, ...], imbalance: float = 1.0,
                     n_groups: int = 1) -> CollectiveCost:
     """Cost of the collective for `group` while `n_groups` groups of its kind run concurrently (cached)."""
+    group = _canonical(topo, group)
     key = (topo, collective, group, imbalance, n_groups)
     cost = _CACHE.get(key)
     if cost is None:
@@ -194,4 +223,4 @@ def collective_cost(topo: Topology, collective: str, group: tuple[int, ...], imb
 
 def bytes_sent(phases: list[Phase], rank: int) -> float:
     """Bytes (per byte of payload) that `rank` sends over all phases."""
-    return sum(f.bytes for ph in phases for f in ph.flows if f.src == rank)
+    return float(sum(ph.bytes[ph.src == rank].sum() for ph in phases))
