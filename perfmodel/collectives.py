@@ -26,9 +26,8 @@ from dataclasses import dataclass
 from functools import cache
 
 import numpy as np
-import simpy
 
-from perfmodel.sim.fluid import FluidNet
+from perfmodel.sim.fluid import batch_finish_s
 from perfmodel.topology import LINK_CLASSES, Topology
 
 MAX_FLUID_FLOWS = 4096  # above this, a phase's time is its most loaded link (exact when flows end together)
@@ -143,12 +142,8 @@ def _phase_time(phase: Phase, topo: Topology, n_groups: int) -> tuple[float, flo
     b = int(np.flatnonzero(ratio == top)[0])  # ties: the lowest link id
     if len(routes) > MAX_FLUID_FLOWS:
         t = float(load[b] / cap[b])
-    else:
-        env = simpy.Environment()
-        net = FluidNet(env, dict(zip(links.tolist(), cap.tolist(), strict=True)))
-        net.submit_many([(x, tuple(r[r >= 0].tolist())) for x, r in zip(fbytes.tolist(), routes, strict=True)])
-        env.run()
-        t = env.now
+    else:  # the fluid run (FluidNet's rule on arrays: batch_finish_s)
+        t = batch_finish_s(cap, np.where(routes >= 0, dense[np.maximum(routes, 0)], -1), fbytes)
     hop_lat = np.where(routes >= 0, lat[dense[np.maximum(routes, 0)]], 0.0)
     route_lat = hop_lat[:, 0].copy()
     for h in range(1, routes.shape[1]):  # a route's hops in order, as route_latency_s sums them
