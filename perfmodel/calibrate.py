@@ -368,6 +368,10 @@ def calibrate(run_dirs: list[str | Path], out: str | Path, base: str | None = No
 
 
 def main(argv: list[str]) -> int:
+    if any(a == "--published" or a.startswith("--published=") for a in argv):
+        from perfmodel.calibrate_published_cli import main as main_published
+
+        return main_published(argv)
     ap = parser("calibrate", "fit a hardware profile (efficiency curves, launch cost, collective alpha/beta, "
                 "comm/compute interference) from recorded traces")
     ap.add_argument("trace_dirs", nargs="+", metavar="TRACE_DIR", help="traces/<run-id> folders (or a folder of them)")

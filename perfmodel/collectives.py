@@ -9,6 +9,9 @@ for send_recv. Algorithms (as NCCL picks them for these shapes):
                 nodes on B/l per rail (l rings in parallel), all-gather over NVLink
   pairwise a2a  every rank sends B/n to each peer at once (intra- and inter-node flows);
                 flows to/from the representative (hottest) rank scale by the imbalance
+  deepep a2a    the deepep dispatcher (DeepEP; DeepSeek-V3 s.3.2.2): a token crosses the network
+                once per destination node, to the GPU of the same local index, which forwards
+                its copies over NVLink; both stages run at once (one phase)
   send_recv     one flow
 
 Cost: in the fluid model every flow scales with B, so a collective costs
@@ -70,25 +73,66 @@ def _rings(rings: np.ndarray, frac: float, steps: int) -> Phase:
     return Phase(src, np.roll(rings, -1, axis=1).ravel(), np.full(src.size, frac), steps)
 
 
-def expand(collective: str, group: tuple[int, ...], topo: Topology, imbalance: float = 1.0) -> tuple[str, list[Phase]]:
-    """(algorithm name, phases of flows per byte of payload) for the group's collective."""
+def distinct_nodes_per_token(top_k: int, nodes: int, expert_groups: int = 1, groups_per_token: int = 0) -> float:
+    """Expected number of nodes a token's top_k experts sit on, the experts spread evenly over `nodes`
+    and picked independently among the eligible nodes: all of them, or under group-limited routing
+    the nodes of the token's `groups_per_token` groups (a group spans nodes/expert_groups nodes when
+    there are fewer groups than nodes, else one). M eligible nodes: M (1 - (1 - 1/M)^top_k)."""
+    eligible = float(nodes)
+    if groups_per_token:
+        eligible = min(eligible, groups_per_token * max(1.0, nodes / expert_groups))
+    return eligible * (1.0 - (1.0 - 1.0 / eligible) ** top_k)
+
+
+def _deepep(intra: np.ndarray, imbalance: float, routing: tuple[int, int, int]) -> Phase:
+    """Flows per byte of payload (top_k copies per token) of the deepep dispatch (or combine): each
+    rank sends a token once to the same-local-index GPU of every other destination node (the
+    expected remote nodes per token / top_k of the payload, split over the K-1 remote nodes), and
+    each GPU forwards what its node must spread over NVLink ((l-1)/l of its B, 1/l to each peer).
+    `intra`: the group's ranks, one row per node."""
+    top_k, groups, per_token = routing
+    k, l = intra.shape
+    remote = distinct_nodes_per_token(top_k, k, groups, per_token) * (k - 1) / k
+    per_node = remote / top_k / (k - 1)
+    nodes = intra.tolist()
+    rep = nodes[0][0]
+    src, dst, frac = [], [], []
+    for i, node in enumerate(nodes):
+        for j, a in enumerate(node):
+            for i2, other in enumerate(nodes):
+                if i2 != i:
+                    b = other[j]
+                    src.append(a), dst.append(b), frac.append(per_node * (imbalance if rep in (a, b) else 1.0))
+            for b in node:
+                if b != a:
+                    src.append(a), dst.append(b), frac.append((imbalance if rep in (a, b) else 1.0) / l)
+    return Phase(np.array(src, dtype=np.int64), np.array(dst, dtype=np.int64), np.array(frac), 1)
+
+
+def expand(collective: str, group: tuple[int, ...], topo: Topology, imbalance: float = 1.0,
+           routing: tuple[int, int, int] | None = None) -> tuple[str, list[Phase]]:
+    """(algorithm name, phases of flows per byte of payload) for the group's collective. `routing`
+    (all_to_all only): the deepep dispatcher's (top_k, expert_groups, groups_per_token)."""
     n = len(group)
     g = np.asarray(group, dtype=np.int64)
     if collective == "send_recv":
         return "p2p", [Phase(g[:1], g[-1:], np.ones(1), 1)] if n > 1 else []
     if n <= 1:
         return "none", []
+    dom = g // topo.domain_gpus
+    order = np.argsort(dom, kind="stable")  # by NVLink domain, the group's order inside one
+    _, per = np.unique(dom, return_counts=True)
+    k, l = len(per), int(per[0])
+    even = bool((per == l).all())
     if collective == "all_to_all":
+        if routing is not None and k > 1 and l > 1 and even:
+            return "deepep", [_deepep(g[order].reshape(k, l), imbalance, routing)]
         a, b = np.repeat(g, n), np.tile(g, n)
         off = a != b
         a, b = a[off], b[off]
         hot = (a == g[0]) | (b == g[0])  # flows to/from the representative rank scale by the imbalance
         return "pairwise", [Phase(a, b, np.where(hot, imbalance, 1.0) / n, 1)]
-    dom = g // topo.domain_gpus
-    order = np.argsort(dom, kind="stable")  # by NVLink domain, the group's order inside one
-    _, per = np.unique(dom, return_counts=True)
-    k, l = len(per), int(per[0])
-    hier = k > 1 and l > 1 and bool((per == l).all())
+    hier = k > 1 and l > 1 and even
     if not hier:
         f = (n - 1) / n
         if collective == "all_reduce":
@@ -196,13 +240,13 @@ def straggler_wait_s(skew: float, interval_s: float, n: int) -> float:
 
 
 def collective_cost(topo: Topology, collective: str, group: tuple[int, ...], imbalance: float = 1.0,
-                    n_groups: int = 1) -> CollectiveCost:
+                    n_groups: int = 1, routing: tuple[int, int, int] | None = None) -> CollectiveCost:
     """Cost of the collective for `group` while `n_groups` groups of its kind run concurrently (cached)."""
     group = _canonical(topo, group)
-    key = (topo, collective, group, imbalance, n_groups)
+    key = (topo, collective, group, imbalance, n_groups, routing)
     cost = _CACHE.get(key)
     if cost is None:
-        algo, phases = expand(collective, group, topo, imbalance)
+        algo, phases = expand(collective, group, topo, imbalance, routing)
         lat = spb = 0.0
         worst, cls = -1.0, "none"
         for ph in phases:

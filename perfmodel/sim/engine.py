@@ -73,14 +73,15 @@ class _Ctx:
         g = self.group(op.group or "", stage)
         # the cost depends on the collective, its group and the imbalance only (bytes are applied by
         # the caller): one evaluation per distinct triple (gradient syncs repeat on every rank)
-        key = (op.collective, op.group, op.imbalance, g, op.bytes > 0)
+        key = (op.collective, op.group, op.imbalance, g, op.bytes > 0, op.routing)
         hit = self.memo.get(key)
         if hit is None:
             hit = self.memo[key] = self._cost(op, g)
         return hit
 
     def _cost(self, op: Op, g: tuple[int, ...]) -> CollectiveCost:
-        cost = collective_cost(self.topo, op.collective or "", g, op.imbalance, self.n_groups(op.group or ""))
+        cost = collective_cost(self.topo, op.collective or "", g, op.imbalance, self.n_groups(op.group or ""),
+                               op.routing)
         fit = self.fits.get(f"{op.collective}.{op.group}") or self.fits.get(op.collective or "")
         if fit is None or op.bytes <= 0:
             return cost
