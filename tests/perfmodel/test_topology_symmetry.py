@@ -115,7 +115,8 @@ def _random_plans(world: int, rng: random.Random, k: int) -> list[PlanSpec]:
         dp = world // (tp * sp * pp)
         order = tuple(rng.sample(["tp", "sp", "dp", "pp"], 4))
         out.append(PlanSpec(name=f"p{len(out)}", tp=tp, sp=sp, pp=pp, ep=ep, etp=etp, global_batch=dp * 2 * pp,
-                            rank_order=order, overlap=dict(inter_op=True, grad_sync=rng.random() < 0.5)))
+                            rank_order=order, overlap=dict(inter_op=True, grad_sync=rng.random() < 0.5),
+                            dispatcher=rng.choice(["alltoall", "deepep"]) if ep > 1 else "alltoall"))
         if len(out) == k:
             break
     return out
