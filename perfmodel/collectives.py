@@ -242,11 +242,15 @@ def straggler_wait_s(skew: float, interval_s: float, n: int) -> float:
 def collective_cost(topo: Topology, collective: str, group: tuple[int, ...], imbalance: float = 1.0,
                     n_groups: int = 1, routing: tuple[int, int, int] | None = None) -> CollectiveCost:
     """Cost of the collective for `group` while `n_groups` groups of its kind run concurrently (cached)."""
-    group = _canonical(topo, group)
     key = (topo, collective, group, imbalance, n_groups, routing)
     cost = _CACHE.get(key)
+    if cost is not None:
+        return cost
+    shape = _canonical(topo, group)
+    canon = (topo, collective, shape, imbalance, n_groups, routing)
+    cost = _CACHE.get(canon) if shape is not group else None
     if cost is None:
-        algo, phases = expand(collective, group, topo, imbalance, routing)
+        algo, phases = expand(collective, shape, topo, imbalance, routing)
         lat = spb = 0.0
         worst, cls = -1.0, "none"
         for ph in phases:
@@ -254,9 +258,10 @@ def collective_cost(topo: Topology, collective: str, group: tuple[int, ...], imb
             lat, spb = lat + pl, spb + pt
             if pt > worst:
                 worst, cls = pt, pc
-        if len(_CACHE) > 100_000:
-            _CACHE.clear()
-        cost = _CACHE[key] = CollectiveCost(lat, spb, cls, algo)
+        cost = CollectiveCost(lat, spb, cls, algo)
+    if len(_CACHE) > 100_000:
+        _CACHE.clear()
+    _CACHE[key] = _CACHE[canon] = cost
     return cost
 
 
