@@ -158,3 +158,20 @@ def test_a_translated_group_costs_the_same_and_large_phases_match_per_flow():
     _, (ph,) = collectives.expand("all_to_all", big, t)
     assert len(ph.src) > collectives.MAX_FLUID_FLOWS
     assert collectives._phase_time(ph, t, 1) == _per_flow_phase_time(ph, g, 1)
+
+
+def test_a_92k_gpu_simulation_builds_nothing_per_gpu():
+    from perfmodel.specs import with_overrides
+    from perfmodel.topology import topology_for
+
+    model = load_spec("megascale-moe-352b", "model")
+    cluster = with_overrides(load_spec("megascale-1440", "cluster"), {"nodes": 11520}, "test")
+    plan = PlanSpec(name="big", sp=8, ep=8, pp=6, global_batch=92160, recompute="selective",
+                    overlap=dict(inter_op=True, intra_op="tile", chunks=4, grad_sync=True))
+    before = layout._groups.cache_info().currsize
+    res = simulate(model, cluster, plan)
+    assert res.step_time_s > 0 and res.details["grad_sync"]["reduce_s"] > 0
+    assert layout._groups.cache_info().currsize == before  # no group of the world was enumerated
+    topo = topology_for(cluster, cluster.profile())
+    assert topo.world == 92160 and "_reference" not in topo.__dict__  # no graph was built
+    assert len(topo._routes) < 1000  # routes of the representatives' flows only, on arrays
