@@ -29,11 +29,13 @@ from dataclasses import dataclass
 from functools import cache
 
 import numpy as np
+import simpy
 
-from perfmodel.sim.fluid import batch_finish_s
+from perfmodel.sim.fluid import FluidNet, batch_finish_s
 from perfmodel.topology import LINK_CLASSES, Topology
 
 MAX_FLUID_FLOWS = 4096  # above this, a phase's time is its most loaded link (exact when flows end together)
+SMALL_PHASE_FLOWS = 128  # up to this many flows a phase is priced flow by flow (array set-up costs more)
 
 
 @dataclass(frozen=True)
@@ -154,11 +156,47 @@ def _coarse(cls: str) -> str:
 
 
 def _phase_time(phase: Phase, topo: Topology, n_groups: int) -> tuple[float, float, str]:
-    """(latency_s, s_per_byte, bounding class) of one phase of the representative group.
+    """(latency_s, s_per_byte, bounding class) of one phase of the representative group: flow by
+    flow for a few flows, on arrays for many; the two agree bit for bit (test_topology_symmetry)."""
+    if len(phase.src) <= SMALL_PHASE_FLOWS:
+        return _phase_time_per_flow(phase, topo, n_groups)
+    return _phase_time_arrays(phase, topo, n_groups)
 
-    Vectorized over flows; every sum runs in the order a per-flow loop would take (flows in
-    order, a route's hops in order, links in order of first use), so the figures do not depend
-    on the group's size."""
+
+def _phase_time_per_flow(phase: Phase, topo: Topology, n_groups: int) -> tuple[float, float, str]:
+    """Each flow routed, loads summed link by link; the fluid run in FluidNet."""
+    routes = [(f, topo.route(f.src, f.dst)) for f in phase.flows]
+    routes = [(f, r) for f, r in routes if r]
+    if not routes:
+        return 0.0, 0.0, "none"
+    load: dict[int, float] = {}
+    for f, r in routes:
+        for link in r:
+            load[link] = load.get(link, 0.0) + f.bytes
+    class_load: dict[str, float] = {}
+    for link, b in load.items():
+        class_load[topo.cls[link]] = class_load.get(topo.cls[link], 0.0) + b
+    cap = {}
+    for link, b in load.items():
+        c = topo.cls[link]
+        mean = n_groups * class_load[c] / topo.links_of_class[c]
+        cap[link] = topo.cap_Bps[link] * min(1.0, b / mean) if mean > b else topo.cap_Bps[link]
+    bott = max(load, key=lambda x: (load[x] / cap[x], -x))
+    if len(routes) > MAX_FLUID_FLOWS:
+        t = load[bott] / cap[bott]
+    else:
+        env = simpy.Environment()
+        net = FluidNet(env, cap)
+        net.submit_many([(f.bytes, r) for f, r in routes])
+        env.run()
+        t = env.now
+    lat = phase.steps * max(topo.route_latency_s(r) for _, r in routes)
+    return lat, t, _coarse(topo.cls[bott])
+
+
+def _phase_time_arrays(phase: Phase, topo: Topology, n_groups: int) -> tuple[float, float, str]:
+    """Vectorized over flows; every sum runs in the order the per-flow loop takes (flows in order,
+    a route's hops in order, links in order of first use), so the figures are the same."""
     routes = topo.routes_array(phase.src, phase.dst)
     used = (routes >= 0).any(axis=1)
     if not used.any():

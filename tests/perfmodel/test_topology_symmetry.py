@@ -13,11 +13,9 @@ import itertools
 import random
 
 import pytest
-import simpy
 
 from perfmodel import collectives, layout
 from perfmodel.sim import engine, simulate
-from perfmodel.sim.fluid import FluidNet
 from perfmodel.specs import ClusterSpec, PlanSpec, SpecError, load_spec
 from perfmodel.topology import build_topology
 from perfmodel.topology_graph import build_graph_topology
@@ -58,33 +56,7 @@ def test_closed_form_fabric_equals_the_graph_link_by_link(c):
 
 def _per_flow_phase_time(phase, topo, n_groups):
     """The per-flow pricing (reference): each flow routed, loads summed link by link in a dict."""
-    routes = [(f, topo.route(f.src, f.dst)) for f in phase.flows]
-    routes = [(f, r) for f, r in routes if r]
-    if not routes:
-        return 0.0, 0.0, "none"
-    load: dict[int, float] = {}
-    for f, r in routes:
-        for link in r:
-            load[link] = load.get(link, 0.0) + f.bytes
-    class_load: dict[str, float] = {}
-    for link, b in load.items():
-        class_load[topo.cls[link]] = class_load.get(topo.cls[link], 0.0) + b
-    cap = {}
-    for link, b in load.items():
-        c = topo.cls[link]
-        mean = n_groups * class_load[c] / topo.links_of_class[c]
-        cap[link] = topo.cap_Bps[link] * min(1.0, b / mean) if mean > b else topo.cap_Bps[link]
-    bott = max(load, key=lambda x: (load[x] / cap[x], -x))
-    if len(routes) > collectives.MAX_FLUID_FLOWS:
-        t = load[bott] / cap[bott]
-    else:
-        env = simpy.Environment()
-        net = FluidNet(env, cap)
-        net.submit_many([(f.bytes, r) for f, r in routes])
-        env.run()
-        t = env.now
-    lat = phase.steps * max(topo.route_latency_s(r) for _, r in routes)
-    return lat, t, collectives._coarse(topo.cls[bott])
+    return collectives._phase_time_per_flow(phase, topo, n_groups)
 
 
 def _general_path(monkeypatch):
@@ -101,7 +73,7 @@ def _general_path(monkeypatch):
     monkeypatch.setattr(engine, "topology_for", graph_topology)
     monkeypatch.setattr(engine._Ctx, "group", enumerated_group)
     monkeypatch.setattr(engine._Ctx, "n_groups", lambda self, kind: len(layout.rank_groups(self.plan, self.world)[kind]))
-    monkeypatch.setattr(collectives, "_phase_time", _per_flow_phase_time)
+    monkeypatch.setattr(collectives, "_phase_time", _per_flow_phase_time)  # on the graph fabric
     monkeypatch.setattr(collectives, "_canonical", lambda topo, group: group)
 
 
@@ -122,7 +94,9 @@ def _random_plans(world: int, rng: random.Random, k: int) -> list[PlanSpec]:
     return out
 
 
-def test_fast_path_equals_the_general_path_on_random_plans(monkeypatch):
+@pytest.mark.parametrize("small", [0, collectives.SMALL_PHASE_FLOWS])
+def test_fast_path_equals_the_general_path_on_random_plans(monkeypatch, small):
+    monkeypatch.setattr(collectives, "SMALL_PHASE_FLOWS", small)  # 0: every phase on arrays
     model = load_spec("megascale-moe-352b", "model")
     rng = random.Random(18)
     cases = [(c, p) for c in CLUSTERS[:4] for p in _random_plans(c.world_size, rng, 2)]
@@ -147,11 +121,12 @@ def test_a_translated_group_costs_the_same_and_large_phases_match_per_flow():
     assert t.translation_gpus == 16 and t.full_leaf_gpus == 128
     group = tuple(range(3, 67, 4))  # straddles leaf blocks
     moved = tuple(r + 32 for r in group)
-    for coll in ("all_reduce", "reduce_scatter", "all_to_all"):
+    for coll in ("all_reduce", "reduce_scatter", "all_to_all", "send_recv"):
         a = collectives.collective_cost(t, coll, group, 1.5, 8)
         assert collectives.collective_cost(t, coll, moved, 1.5, 8) is a  # one pricing for both
         _, phases = collectives.expand(coll, moved, t, 1.5)
         ref = [_per_flow_phase_time(ph, g, 8) for ph in phases]
+        assert [collectives._phase_time_arrays(ph, t, 8) for ph in phases] == ref
         assert sum(x[1] for x in ref) == a.s_per_byte and sum(x[0] for x in ref) == a.latency_s
     # above MAX_FLUID_FLOWS the phase is priced on its busiest link: the array path matches per flow
     big = tuple(range(128))
