@@ -20,6 +20,12 @@ B = 1 and are cached. Other groups of the same kind run at the same time: on eac
 representative group gets the share b / max(b, load) of its capacity, where load is the mean
 load that all n_groups concurrent groups put on the links of that class (by symmetry,
 n_groups x the representative's load on the class / the class's link count).
+
+Scale: phases are arrays of flows (a 100k-GPU group's gradient sync has ~10^5); a phase of
+many flows is priced on arrays (routes from Topology.routes_array, loads by bincount, the fluid
+run in fluid.batch_finish_s) with every sum in the per-flow order, so both paths give the same
+bits; and a group is priced once per shape: its translate by whole fabric blocks on identical
+full leaves costs the same (_canonical).
 """
 
 from __future__ import annotations
