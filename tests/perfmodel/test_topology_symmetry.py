@@ -12,12 +12,13 @@ from __future__ import annotations
 import itertools
 import random
 
+import numpy as np
 import pytest
 
 from perfmodel import collectives, layout
 from perfmodel.sim import engine, simulate
 from perfmodel.specs import ClusterSpec, PlanSpec, SpecError, load_spec
-from perfmodel.topology import build_topology
+from perfmodel.topology import LINK_CLASSES, build_topology
 from perfmodel.topology_graph import build_graph_topology
 
 
@@ -35,6 +36,7 @@ CLUSTERS = [  # multi-leaf, partly filled last leaves, shared NICs, NVLink domai
     _cluster(4, 8, 8, True, 3, 3, None, 2),
     _cluster(6, 4, 4, True, 2, 2, 8, 1),
     _cluster(3, 8, 8, True, 1, 64, None, 1),
+    _cluster(7, 2, 5, True, 3, 3, 6, 3),  # more NICs than GPUs, a domain of 3 nodes
 ]
 
 
@@ -44,11 +46,11 @@ def test_closed_form_fabric_equals_the_graph_link_by_link(c):
     assert t.n_links == len(g.cap_Bps) and t.links_of_class == g.links_of_class
     for i in range(t.n_links):
         assert (t.cap_Bps[i], t.latency_s[i], t.cls[i]) == (g.cap_Bps[i], g.latency_s[i], g.cls[i])
+    cap, lat, code = t.link_arrays(np.arange(t.n_links))
+    assert cap.tolist() == g.cap_Bps and lat.tolist() == g.latency_s and [LINK_CLASSES[x] for x in code] == g.cls
     pairs = list(itertools.product(range(t.world), repeat=2))
     for a, b in pairs:
         assert t.route(a, b) == g.route(a, b)
-    import numpy as np
-
     src, dst = np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs])
     rows = t.routes_array(src, dst)
     assert [tuple(int(x) for x in r if x >= 0) for r in rows] == [g.route(a, b) for a, b in pairs]
