@@ -36,7 +36,7 @@ CLUSTERS = [  # multi-leaf, partly filled last leaves, shared NICs, NVLink domai
     _cluster(4, 8, 8, True, 3, 3, None, 2),
     _cluster(6, 4, 4, True, 2, 2, 8, 1),
     _cluster(3, 8, 8, True, 1, 64, None, 1),
-    _cluster(7, 2, 5, True, 3, 3, 6, 3),  # more NICs than GPUs, a domain of 3 nodes
+    _cluster(9, 2, 5, True, 3, 3, 6, 3),  # more NICs than GPUs, a domain of 3 nodes
 ]
 
 
