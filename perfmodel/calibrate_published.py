@@ -7,8 +7,9 @@ FP8 GEMMs fitted to measured FP8 grouped GEMMs, fabrics at nccl-tests level) sca
 production constants, fitted here per GPU family (the profile a run's cluster names):
   compute      x the 16-bit compute maxima (GEMM, grouped GEMM, attention)
   compute_fp8  x the FP8 GEMM maxima (precision: fp8); with no FP8 run in a family it follows
-               `compute` (a prior ties their ratio to 1, weight PRIOR_FP8)
-  fabric       x every fabric efficiency (NVLink, InfiniBand, PCIe)
+               `compute` (a prior ties their ratio to 1, weight PRIOR_TIE)
+  fabric       x the network fabrics' efficiency (InfiniBand / Ethernet NICs, PCIe)
+  nvlink       x the NVLink efficiency; without evidence it follows `fabric` (prior PRIOR_TIE)
   launch_us    optionally (`--fit-launch`), the per-op launch overhead (`launch_overhead_us`)
 by least squares on r = ln(predicted / measured tokens/s), every run weighted alike, with a weak
 prior (PRIOR) toward the starting constants so a constant no run constrains stays put.
@@ -55,10 +56,11 @@ DATASHEET_FABRIC = {"nvlink": 0.80, "ib": 0.85, "pcie": 0.80, "ethernet": 0.80}
 # families whose constants are copied from another: the H200 is an H100 with more HBM (same SMs,
 # NVLink and NICs) and no published run of its own
 SHARES = {"h200": "h100-sxm"}
-PARAMS = ("compute", "compute_fp8", "fabric", "launch_us")
-START = {"compute": 0.6212, "compute_fp8": 0.6212, "fabric": 0.5880, "launch_us": 4.0}
+PARAMS = ("compute", "compute_fp8", "fabric", "nvlink", "launch_us")
+START = {"compute": 0.6212, "compute_fp8": 0.6212, "fabric": 0.5880, "nvlink": 0.5880, "launch_us": 4.0}
+TIES = {"compute_fp8": "compute", "nvlink": "fabric"}  # constant -> the one it follows without evidence
 PRIOR = 1e-3  # weight of (ln c - ln start)^2: keeps unconstrained constants at the start
-PRIOR_FP8 = 0.01  # weight of (ln compute_fp8 - ln compute)^2: FP8 follows 16-bit without FP8 evidence
+PRIOR_TIE = 0.01  # weight of (ln compute_fp8 - ln compute)^2 and (ln nvlink - ln fabric)^2
 STEP = 0.04  # forward-difference step (log constants; us for launch_us)
 CONFIDENCE = 0.9
 
@@ -68,6 +70,7 @@ class Constants:
     compute: float = START["compute"]
     compute_fp8: float = START["compute_fp8"]
     fabric: float = START["fabric"]
+    nvlink: float = START["nvlink"]
     launch_us: float = START["launch_us"]
 
 
@@ -93,7 +96,8 @@ def production_profile(base: ProfileSpec, c: Constants) -> ProfileSpec:
             continue
         scale = c.compute_fp8 if field in COMPUTE_FP8 else c.compute
         over[field] = {"max": round(min(1.0, mx * scale), 6), "half_work": half}
-    over["fabrics"] = {k: {**v.model_dump(), "efficiency": round(min(1.0, DATASHEET_FABRIC.get(k, v.efficiency) * c.fabric), 6)}
+    over["fabrics"] = {k: {**v.model_dump(), "efficiency": round(min(1.0, DATASHEET_FABRIC.get(k, v.efficiency) *
+                                                                     (c.nvlink if k == "nvlink" else c.fabric)), 6)}
                        for k, v in base.fabrics.items()}
     over["launch_overhead_us"] = round(max(0.0, c.launch_us), 4)
     return with_overrides(base, over, f"profile {base.name}")
@@ -145,7 +149,7 @@ def free_params(cs: list[Case], fit_launch: bool) -> list[tuple[str, str]]:
     """(family, constant) pairs the fit varies, in a fixed order."""
     out = []
     for fam in sorted({c.family for c in cs}):
-        names = ["compute", "compute_fp8", "fabric"]  # compute_fp8 follows compute by prior without FP8 runs
+        names = ["compute", "compute_fp8", "fabric", "nvlink"]  # tied constants follow by prior (TIES)
         if fit_launch:
             names.append("launch_us")
         out += [(fam, n) for n in names]
@@ -182,11 +186,11 @@ def _prior_rows(theta: np.ndarray, params: list[tuple[str, str]], theta0: np.nda
         e = np.zeros(len(params))
         e[i] = w
         jac.append(e)
-        if name == "compute_fp8":
-            j = params.index((fam, "compute"))
-            rows.append(math.sqrt(PRIOR_FP8) * (theta[i] - theta[j]))
+        if name in TIES:
+            j = params.index((fam, TIES[name]))
+            rows.append(math.sqrt(PRIOR_TIE) * (theta[i] - theta[j]))
             e = np.zeros(len(params))
-            e[i], e[j] = math.sqrt(PRIOR_FP8), -math.sqrt(PRIOR_FP8)
+            e[i], e[j] = math.sqrt(PRIOR_TIE), -math.sqrt(PRIOR_TIE)
             jac.append(e)
     return np.array(rows), np.array(jac)
 

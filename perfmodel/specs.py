@@ -238,6 +238,29 @@ class CollectiveFit(Strict):
     bw_GBps: PosFloat
 
 
+class UncertaintySpec(Strict):
+    """How far a prediction of this profile is from a measured run (perfmodel/uncertainty.py):
+    the band is prediction x exp(-+w), w = z((1 + confidence) / 2) x loo_log_rms."""
+
+    confidence: Annotated[float, Field(gt=0, lt=1, allow_inf_nan=False)] = 0.9  # two-sided coverage
+    loo_log_rms: NonNegFloat  # RMS of out-of-sample residuals ln(predicted / measured tokens/s)
+    # optional echo of w for readers of the YAML; checked against z x loo_log_rms, never used instead
+    log_halfwidth: NonNegFloat | None = None
+    n_runs: Annotated[int, Field(ge=2, le=10**9)]  # runs the residuals come from
+    method: str = ""
+
+    @model_validator(mode="after")
+    def _check(self) -> UncertaintySpec:
+        if self.log_halfwidth is not None:
+            from perfmodel.uncertainty import z_for  # lazy: uncertainty imports this module
+
+            w = z_for(self.confidence) * self.loo_log_rms
+            if abs(self.log_halfwidth - w) > 1e-3:
+                raise ValueError(f"log_halfwidth={self.log_halfwidth:g} is not z x loo_log_rms = {w:.4f} at "
+                                 f"confidence {self.confidence:g}; write {w:.4f} or leave it out (derived)")
+        return self
+
+
 class ProfileSpec(Strict):
     """A hardware profile: public datasheet peaks plus efficiency curves (presets) or fits (calibrated)."""
 
@@ -278,6 +301,8 @@ class ProfileSpec(Strict):
     collectives: dict[str, CollectiveFit] = {}
     calibrated_from: list[str] = []
     residuals: dict[str, float] = {}
+    # the error band of this profile's predictions (calibrated against measured runs); None: no band
+    uncertainty: UncertaintySpec | None = None
 
 
 # ---------------------------------------------------------------------------- cluster

@@ -36,6 +36,7 @@ from perfmodel.sim.result import SimResult
 from perfmodel.sim.timeline import build_timeline
 from perfmodel.specs import ClusterSpec, CollectiveFit, ModelSpec, PlanSpec, ProfileSpec, check_precision
 from perfmodel.topology import Topology, topology_for
+from perfmodel.uncertainty import band
 
 _GRAPHS: dict[tuple[str, str, int], OpGraph] = {}
 _RUNS: dict[tuple, tuple] = {}  # (layer graph, profile, topology, (fwd, bwd) LayerRuns): objects pin their ids
@@ -273,9 +274,11 @@ def simulate(model: ModelSpec, cluster: ClusterSpec, plan: PlanSpec, profile: Pr
                      "layers_per_stage": [hi - lo for lo, hi in st.ranges]},
         "collectives": {op.event: ctx.cost(op).algorithm for op in graph.layers[main].ops if op.kind == "comm"},
     }
-    res = SimResult(step_time_s=step, tokens_per_s=graph.tokens_per_iteration() / step, mfu=mfu,
+    tokens_per_s = graph.tokens_per_iteration() / step
+    low, high = band(tokens_per_s, profile.uncertainty)
+    res = SimResult(step_time_s=step, tokens_per_s=tokens_per_s, mfu=mfu,
                     breakdown=breakdown, memory_GiB=memory, fits=fits, name=plan.name,
-                    plan=plan.model_dump(mode="json"), details=details)
+                    plan=plan.model_dump(mode="json"), details=details, tokens_per_s_low=low, tokens_per_s_high=high)
     if trace:
         res.timeline = build_timeline(pipe, runs[main], syncs, totals, ctx, graph)
     return res
