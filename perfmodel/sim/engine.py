@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 from perfmodel.collectives import CollectiveCost, collective_cost, latency_steps
 from perfmodel.hardware import Hardware
-from perfmodel.layout import rank_group_index, rank_groups
+from perfmodel.layout import group_count, group_of_rank
 from perfmodel.opgraph import Op, OpGraph
 from perfmodel.pplayout import StageLayout
 from perfmodel.sim.layer import LayerRun, run_layer
@@ -56,15 +56,19 @@ def _graph(model: ModelSpec, plan: PlanSpec, world: int) -> OpGraph:
 @dataclass
 class _Ctx:
     topo: Topology
-    groups: dict[str, tuple[tuple[int, ...], ...]]
-    index: dict[str, dict[int, tuple[int, ...]]]  # kind -> rank -> its group (layout.rank_group_index)
+    plan: PlanSpec
+    world: int
     reps: tuple[int, ...]  # representative rank of each stage
     fits: dict[str, CollectiveFit]  # calibrated alpha-beta per "collective.group" or "collective"
     exponent: float = 1.0  # calibrated latency growth with group size (ProfileSpec.latency_exponent)
     memo: dict[tuple, CollectiveCost] = field(default_factory=dict)
 
     def group(self, kind: str, stage: int) -> tuple[int, ...]:
-        return self.index[kind][self.reps[stage]]
+        # closed form (layout.group_of_rank): only the representatives' groups exist, never the world's
+        return group_of_rank(self.plan, self.world, kind, self.reps[stage])
+
+    def n_groups(self, kind: str) -> int:
+        return group_count(self.plan, self.world, kind)
 
     def cost(self, op: Op, stage: int = 0) -> CollectiveCost:
         g = self.group(op.group or "", stage)
@@ -77,7 +81,7 @@ class _Ctx:
         return hit
 
     def _cost(self, op: Op, g: tuple[int, ...]) -> CollectiveCost:
-        cost = collective_cost(self.topo, op.collective or "", g, op.imbalance, len(self.groups[op.group or ""]),
+        cost = collective_cost(self.topo, op.collective or "", g, op.imbalance, self.n_groups(op.group or ""),
                                op.routing)
         fit = self.fits.get(f"{op.collective}.{op.group}") or self.fits.get(op.collective or "")
         if fit is None or op.bytes <= 0:
@@ -167,8 +171,7 @@ def simulate(model: ModelSpec, cluster: ClusterSpec, plan: PlanSpec, profile: Pr
     L = graph.layout
     hw = Hardware.of(profile)
     topo = topology_for(cluster, profile)
-    index = rank_group_index(plan, world)
-    ctx = _Ctx(topo, rank_groups(plan, world), index, index["pp"][0], profile.collectives, profile.latency_exponent)
+    ctx = _Ctx(topo, plan, world, group_of_rank(plan, world, "pp", 0), profile.collectives, profile.latency_exponent)
 
     runs: dict[str, tuple[LayerRun, LayerRun]] = {}
     for kind, lg in graph.layers.items():
@@ -210,7 +213,7 @@ def simulate(model: ModelSpec, cluster: ClusterSpec, plan: PlanSpec, profile: Pr
 
     p2p_s = 0.0
     if L.pp > 1:
-        c = collective_cost(topo, "send_recv", (ctx.reps[0], ctx.reps[1]), 1.0, len(ctx.groups["pp"]))
+        c = collective_cost(topo, "send_recv", (ctx.reps[0], ctx.reps[1]), 1.0, ctx.n_groups("pp"))
         p2p_s = c.time_s(graph.pp_bytes)
     m = L.microbatches
     slow = profile.comm_compute_slowdown
