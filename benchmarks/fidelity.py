@@ -15,7 +15,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from perfmodel.calibrate_published_cli import calibrate_published
+from perfmodel.calibrate.published_cli import calibrate_published
 
 
 def main() -> None:

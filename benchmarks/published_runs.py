@@ -1,6 +1,6 @@
 """Published runs vs the simulator with the current presets (before any refit).
 
-Loads every run of studies/published (perfmodel.published), turns its published figure into
+Loads every run of studies/published (perfmodel.specs.published), turns its published figure into
 training tokens/s of the whole cluster, simulates the run's plan on its cluster with the presets
 as they are (perfmodel.sim.simulate), and prints one row per run: name, source group, measured
 tokens/s, predicted tokens/s and the error (predicted / measured - 1). Last line: the median and
@@ -19,9 +19,9 @@ import time
 from pathlib import Path
 
 from perfmodel.atomic import write_text
-from perfmodel.published import load_published, measured_tokens_per_s, resolve
 from perfmodel.sim import simulate
 from perfmodel.specs import SpecError
+from perfmodel.specs.published import load_published, measured_tokens_per_s, resolve
 
 SHORT = {"tokens_per_s": "tok/s", "step_time_s": "step", "mfu": "mfu", "tflops_per_gpu": "tflops",
          "gpu_hours_per_trillion_tokens": "gpu-h/T"}

@@ -4,10 +4,10 @@ Models: moe-1b; Mixtral-8x7B cut to 4 layers, widths x0.5 (runtime.model.scale: 
 one GPU with fp32 masters + AdamW). moeperf runs runtime.train's step (forward_backward +
 optimizer_step: bf16 autocast, fp32 masters, AdamW, clip 1, one metrics read per step) in bf16 and FP8
 (precision fp8, tensorwise and blockwise) at micro-batch 1, 2, 4, 8 of 8 sequences. Reported: tokens/s
-(median of --windows windows; spread = (max - min) / median), MFU = perfmodel.opgraph's
+(median of --windows windows; spread = (max - min) / median), MFU = perfmodel.sim.opgraph's
 model_flops_per_iteration / (step time x 989 TFLOP/s, H100/H200/H800 SXM bf16 dense), and for the best
 bf16 micro-batch one profiled step: host_us_per_op = the host's time to issue the step (its
-ProfilerStep span; nothing is read back inside it) / its op-graph op spans (perfmodel.trace_reader),
+ProfilerStep span; nothing is read back inside it) / its op-graph op spans (perfmodel.calibrate.trace_reader),
 kernel time, CUDA syncs inside the step (torch.cuda.set_sync_debug_mode("warn")).
 Peer, bf16 (its FP8 would need torchao / Transformer Engine): torchtitan's MoE layer (softmax router,
 route_norm, LocalTokenDispatcher, GroupedExperts on torch._grouped_mm) in a plain decoder of the
@@ -41,9 +41,9 @@ from torch import nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from perfmodel import atomic  # noqa: E402
-from perfmodel.opgraph import OpGraph  # noqa: E402
+from perfmodel.calibrate.trace_reader import read_trace  # noqa: E402
+from perfmodel.sim.opgraph import OpGraph  # noqa: E402
 from perfmodel.specs import PlanSpec, load_spec  # noqa: E402
-from perfmodel.trace_reader import read_trace  # noqa: E402
 from runtime.data import Data, local_batch  # noqa: E402
 from runtime.groups import Parallel  # noqa: E402
 from runtime.model import scale, set_precision  # noqa: E402

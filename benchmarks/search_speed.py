@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from perfmodel.search import run_search
-    from perfmodel.search_cli import load_study, study_variants
+    from perfmodel.search.cli import load_study, study_variants
 
     study, path, _ = load_study(args.study)
     variants = study_variants(study, str(path), path.parent)

@@ -11,10 +11,10 @@ import sys
 
 # name -> (module exposing main(argv), one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "validate": ("perfmodel.validate", "check spec YAML files (model, cluster, plan, study, profile)"),
-    "presets": ("perfmodel.validate", "list the built-in presets"),
+    "validate": ("perfmodel.specs.validate", "check spec YAML files (model, cluster, plan, study, profile)"),
+    "presets": ("perfmodel.specs.validate", "list the built-in presets"),
     "simulate": ("perfmodel.sim.command", "simulate one training iteration of a plan (or a study's fixed plans)"),
-    "search": ("perfmodel.search_cli", "search a study's plan space and write a ranked report"),
+    "search": ("perfmodel.search.cli", "search a study's plan space and write a ranked report"),
     "data": ("runtime.data_prepare", "tokenize text for `run --data` (data prepare)"),
     "run": ("runtime.launch", "run a plan as real distributed training (torchrun)"),
     "calibrate": ("perfmodel.calibrate", "fit a hardware profile from recorded traces"),

@@ -1,4 +1,4 @@
-"""Process groups for a plan, built from `perfmodel.layout.rank_groups` (the one pure function
+"""Process groups for a plan, built from `perfmodel.specs.layout.rank_groups` (the one pure function
 that says which ranks form each group; the simulator places its collectives with it too).
 
 `Parallel` is what the model and the optimizer see: for each group kind (tp, sp, dp, pp, ep,
@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 
 import torch.distributed as dist
 
-from perfmodel.layout import group_of, rank_groups
-from perfmodel.opnames import GROUP_KINDS
 from perfmodel.specs import PlanSpec
+from perfmodel.specs.layout import group_of, rank_groups
+from perfmodel.specs.opnames import GROUP_KINDS
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
     moeperf run --model tiny-moe --plan plan.yaml --nproc 4 --steps 200 --out runs/x [--data DIR|FILES...]
 
-The plan is validated with perfmodel.layout.plan_layout *before* anything starts (bad input:
+The plan is validated with perfmodel.specs.layout.plan_layout *before* anything starts (bad input:
 SpecError -> one line, exit 2). Ranks run `python -m runtime.train` under
 `python -m torch.distributed.run` (gloo on CPU, NCCL on GPU); rank 0 prints a progress line per
 step. If a rank raises, torchrun stops the others (their collectives also fail fast: gloo sees
@@ -22,8 +22,8 @@ from pathlib import Path
 
 from perfmodel import atomic
 from perfmodel.argparse_util import parser
-from perfmodel.layout import plan_layout
 from perfmodel.specs import SpecError, load_spec
+from perfmodel.specs.layout import plan_layout
 from runtime import checkpoint
 from runtime.data import check_for_launch
 from runtime.model import check_supported, scale

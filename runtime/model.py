@@ -20,8 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from perfmodel import pplayout
-from perfmodel.specs import ModelSpec, MoESpec, PlanSpec, SpecError
+from perfmodel.specs import ModelSpec, MoESpec, PlanSpec, SpecError, pplayout
 from runtime.attention import Attention
 from runtime.groups import Parallel
 from runtime.moe import MoE, SwiGLU, get_expert_fn
@@ -167,7 +166,7 @@ def build_stages(spec: ModelSpec, plan: PlanSpec, par: Parallel, seed: int) -> l
     """(virtual stage index, module) for every virtual stage this rank runs, in chunk order.
 
     The layers of each virtual stage and the pp rank it runs on come from the one shared layout,
-    `perfmodel.pplayout.resolve` (uneven and explicit `pp_layout`s, loop or V placement); the
+    `perfmodel.specs.pplayout.resolve` (uneven and explicit `pp_layout`s, loop or V placement); the
     embedding belongs to virtual stage 0 and the final norm + head to the last one.
     """
     layout = pplayout.resolve(spec.layers, plan)

@@ -5,7 +5,7 @@ plan.schedule -> 1f1b: Schedule1F1B (one stage per rank), interleaved: ScheduleI
 ScheduleDualPipeV (V placement, exactly two stages per rank: rank r holds stages r and 2*pp-1-r,
 so the embedding and the loss share rank 0; both split each backward into input (I) and weight
 (W) gradients). Which layers each virtual stage holds, and where it runs, is
-`perfmodel.pplayout.resolve` (runtime.model.build_stages); make_schedule checks that the library
+`perfmodel.specs.pplayout.resolve` (runtime.model.build_stages); make_schedule checks that the library
 places the stages as that layout does.
 
 Stages are our `Stage` modules; shapes are given up front (input_args/output_args) because the
@@ -22,8 +22,8 @@ import torch
 import torch.distributed.pipelining as pipelining
 from torch.distributed.pipelining import PipelineStage
 
-from perfmodel.pplayout import StageLayout
 from perfmodel.specs import ModelSpec, SpecError
+from perfmodel.specs.pplayout import StageLayout
 from runtime.groups import Parallel
 from runtime.model import Stage
 
@@ -79,7 +79,7 @@ def _check_placement(sched, built: list[PipelineStage], layout: StageLayout) -> 
         got = dict(getattr(st, "stage_index_to_group_rank", None) or want)
         if got != want or layout.rank_of(st.stage_index) != st.group_rank:
             raise RuntimeError(f"pipeline placement mismatch: torch places stages as {got} and this rank "
-                               f"({st.group_rank}) holds stage {st.stage_index}; perfmodel.pplayout "
+                               f"({st.group_rank}) holds stage {st.stage_index}; perfmodel.specs.pplayout "
                                f"({layout.style}) places them as {want}")
 
 

@@ -32,8 +32,8 @@ import yaml
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from perfmodel import atomic
-from perfmodel.opnames import split_event_name
 from perfmodel.specs import ModelSpec, PlanSpec, SpecError
+from perfmodel.specs.opnames import split_event_name
 
 STEP_PREFIX = "ProfilerStep#"
 
@@ -120,7 +120,7 @@ class StepProfiler:
         finally:
             Path(tmp).unlink(missing_ok=True)
         annotate(data, self.rank, self.world, self.model, self.plan)
-        data["moeperf_run"] = {  # checked against meta.yaml by perfmodel.trace_reader.read_run
+        data["moeperf_run"] = {  # checked against meta.yaml by perfmodel.calibrate.trace_reader.read_run
             "model": self.model.model_dump(mode="json") if self.model is not None else None,
             "plan": self.plan.model_dump(mode="json") if self.plan is not None else None,
             "world_size": self.world, "rank": self.rank}
@@ -146,8 +146,8 @@ class StepProfiler:
 
 
 def _op_table(rank: int, world: int, model: ModelSpec, plan: PlanSpec) -> tuple[dict[str, Any], dict[str, int]]:
-    from perfmodel.calibrate_data import stage_of, stage_ops
-    from perfmodel.opgraph import OpGraph
+    from perfmodel.calibrate.data import stage_of, stage_ops
+    from perfmodel.sim.opgraph import OpGraph
 
     graph = OpGraph(model, plan, world)
     stage = stage_of(plan, world, rank)
@@ -160,7 +160,7 @@ def _op_table(rank: int, world: int, model: ModelSpec, plan: PlanSpec) -> tuple[
 
 def annotate(data: dict[str, Any], rank: int, world: int, model: ModelSpec | None, plan: PlanSpec | None) -> None:
     """Add op-graph args (flops, bytes, collective payloads, layer/microbatch, matmul shapes) to op spans."""
-    from perfmodel.trace_reader import MATMULS, _forest, _walk
+    from perfmodel.calibrate.trace_reader import MATMULS, _forest, _walk
 
     events = data.get("traceEvents", [])
     ops: dict[str, Any] = {}

@@ -5,7 +5,7 @@ StepProfiler starts one for the steps of --profile-steps; any torch.profiler.pro
 a shared do-nothing context otherwise: an idle record_function still costs ~5-10 us of host time per
 enter/exit, i.e. per op, which is the host-bound GPU step's whole budget. The check reads the
 profiler state torch keeps per thread and carries into autograd's worker threads, so spans opened in
-backward follow the same rule. The names are the op graph's (perfmodel/opnames.py); calibration
+backward follow the same rule. The names are the op graph's (perfmodel/specs/opnames.py); calibration
 reads them, so callers pass them exactly as before.
 """
 

@@ -31,8 +31,8 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from perfmodel import atomic
 from perfmodel.argparse_util import parser
-from perfmodel.layout import plan_layout
 from perfmodel.specs import ModelSpec, PlanSpec, load_spec
+from perfmodel.specs.layout import plan_layout
 from runtime import checkpoint, comm, faults
 from runtime.data import open_data, step_batch
 from runtime.groups import Parallel, build_parallel

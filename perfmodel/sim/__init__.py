@@ -1,6 +1,6 @@
 """The discrete-event simulator: `simulate(model, cluster, plan, profile=None, *, trace=False)`.
 
-`simulate` is imported lazily so that perfmodel.collectives can use perfmodel.sim.fluid
+`simulate` is imported lazily so that perfmodel.sim.collectives can use perfmodel.sim.fluid
 without an import cycle.
 """
 

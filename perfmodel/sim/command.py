@@ -34,7 +34,7 @@ def _study_jobs(path: str) -> list[tuple[Any, Any, Any, Any]]:
     model = resolve(study.model, "model", base)
     cluster = resolve(study.cluster, "cluster", base)
     if study.world_size:  # a runtime study (moeperf compare) runs on world_size ranks of the cluster
-        from perfmodel.calibrate_data import on_world
+        from perfmodel.calibrate.data import on_world
 
         cluster = on_world(cluster, study.world_size, f"{path}: world_size")
     profile = resolve(study.profile, "profile", base) if study.profile is not None else None
@@ -48,7 +48,7 @@ def _study_jobs(path: str) -> list[tuple[Any, Any, Any, Any]]:
 
 
 def _table(results: list[Any], bands: list[Any]) -> None:
-    from perfmodel.uncertainty import describe, fmt_tokens
+    from perfmodel.sim.uncertainty import describe, fmt_tokens
 
     cols = ["plan", "step s", "tokens/s", "MFU", "compute s", "exp. comm s", "bubble s", "grad sync s",
             "optim s", "mem GiB", "fits"]
@@ -109,7 +109,7 @@ def main(argv: list[str]) -> int:
         except SpecError as exc:
             raise SpecError(f"plan {plan.name!r}: {exc}" if a.study else str(exc)) from None
     if a.trace:
-        from perfmodel.chrometrace import write_chrome_trace
+        from perfmodel.sim.chrometrace import write_chrome_trace
 
         r = results[0]
         write_chrome_trace(a.trace, r.timeline, {"plan": r.name, "step_time_s": r.step_time_s})

@@ -5,7 +5,7 @@ are 0; its groups hold the hottest expert rank). Stages are translations of each
 a symmetric fabric, so each distinct layer kind (moe / dense) is simulated once per phase
 group (forward; recompute + backward) with stage 0's group placement, in a simpy run where
 its compute and collectives share the rank's resources. Each virtual stage's time is the sum
-of its own layers' (perfmodel.pplayout: uneven layouts; + embedding on the first virtual stage,
+of its own layers' (perfmodel.specs.pplayout: uneven layouts; + embedding on the first virtual stage,
 the head on the last), split into forward, backward and its wgrad part; the plan's schedule
 (perfmodel.sim.pipeline: 1F1B, interleaved, ZB-V, DualPipeV with F&B overlap) is run on them;
 then DP gradient sync and the optimizer step. Overlapped, the sync runs per model chunk (virtual
@@ -25,18 +25,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from perfmodel.collectives import CollectiveCost, collective_cost, latency_steps
-from perfmodel.hardware import Hardware
-from perfmodel.layout import group_count, group_of_rank
-from perfmodel.opgraph import Op, OpGraph
-from perfmodel.pplayout import StageLayout
+from perfmodel.sim.collectives import CollectiveCost, collective_cost, latency_steps
+from perfmodel.sim.hardware import Hardware
 from perfmodel.sim.layer import LayerRun, run_layer
+from perfmodel.sim.opgraph import Op, OpGraph
 from perfmodel.sim.pipeline import PipelineRun, run_schedule
 from perfmodel.sim.result import SimResult
 from perfmodel.sim.timeline import build_timeline
+from perfmodel.sim.topology import Topology, topology_for
+from perfmodel.sim.uncertainty import band
 from perfmodel.specs import ClusterSpec, CollectiveFit, ModelSpec, PlanSpec, ProfileSpec, check_precision
-from perfmodel.topology import Topology, topology_for
-from perfmodel.uncertainty import band
+from perfmodel.specs.layout import group_count, group_of_rank
+from perfmodel.specs.pplayout import StageLayout
 
 _GRAPHS: dict[tuple[str, str, int], OpGraph] = {}
 _RUNS: dict[tuple, tuple] = {}  # (layer graph, profile, topology, (fwd, bwd) LayerRuns): objects pin their ids
@@ -152,7 +152,7 @@ def _serial_s(ops: tuple[Op, ...] | list[Op], hw: Hardware) -> float:
 
 def _memory(model: ModelSpec, plan: PlanSpec, world: int, profile: ProfileSpec) -> tuple[dict[str, float], bool]:
     try:
-        from perfmodel.memory import estimate_memory
+        from perfmodel.sim.memory import estimate_memory
     except ImportError:  # pragma: no cover - memory model not installed
         return {}, True
     est = estimate_memory(model, plan, world, profile)

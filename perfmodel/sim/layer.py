@@ -20,7 +20,7 @@ Compute and comm share the rank's resources in a FluidNet: comm ops share their 
 link class, and compute slows by the profile's interference factor while comm runs.
 Straggler wait: peers drift apart in proportion to the work between syncs, so a collective
 first waits for the last of its n ranks: `sync_skew` x the compute its rank did since its
-previous collective started x E[max of n normals] (perfmodel.collectives.straggler_wait_s).
+previous collective started x E[max of n normals] (perfmodel.sim.collectives.straggler_wait_s).
 """
 
 from __future__ import annotations
@@ -30,10 +30,10 @@ from dataclasses import dataclass, field
 
 import simpy
 
-from perfmodel.collectives import CollectiveCost, straggler_wait_s
-from perfmodel.hardware import Hardware
-from perfmodel.opgraph import QUANT_OPS, Op
+from perfmodel.sim.collectives import CollectiveCost, straggler_wait_s
 from perfmodel.sim.fluid import FluidNet
+from perfmodel.sim.hardware import Hardware
+from perfmodel.sim.opgraph import QUANT_OPS, Op
 from perfmodel.specs import OverlapSpec
 
 CHAIN_GROUPS = ("ep", "etp")  # collectives pipelined with their GEMM by intra-op overlap (the runtime

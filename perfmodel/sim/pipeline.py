@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 
-from perfmodel.pplayout import StageLayout
+from perfmodel.specs.pplayout import StageLayout
 
 Action = tuple  # ("F"|"B"|"W"|"BW", v, mb) or ("FB", vf, mbf, vb, mbb)
 

@@ -1,6 +1,6 @@
 """What one simulated iteration reports. The JSON keys are a DESIGN.md contract:
 `step_time_s, tokens_per_s, tokens_per_s_low, tokens_per_s_high, mfu, breakdown, memory_GiB`
-(+ name, plan, details); low/high are the profile's error band (perfmodel.uncertainty), null
+(+ name, plan, details); low/high are the profile's error band (perfmodel.sim.uncertainty), null
 when the profile has none.
 """
 
@@ -46,7 +46,7 @@ class SimResult:
     plan: dict[str, Any] = field(default_factory=dict)
     details: dict[str, Any] = field(default_factory=dict)  # per-op times of a layer, comm volumes, ...
     timeline: list[TraceEvent] = field(default_factory=list)
-    # the profile's error band on tokens_per_s (perfmodel.uncertainty.band); None: no calibrated band
+    # the profile's error band on tokens_per_s (perfmodel.sim.uncertainty.band); None: no calibrated band
     tokens_per_s_low: float | None = None
     tokens_per_s_high: float | None = None
 

@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 
 from perfmodel.calibrate import fit_profile, linfit, plot_fits, profile_yaml
-from perfmodel.calibrate_data import Sample
+from perfmodel.calibrate.data import Sample
 from perfmodel.cli import main as cli
-from perfmodel.collectives import latency_steps, straggler_wait_s
-from perfmodel.hardware import Hardware
-from perfmodel.opgraph import Op
+from perfmodel.sim.collectives import latency_steps, straggler_wait_s
+from perfmodel.sim.hardware import Hardware
+from perfmodel.sim.opgraph import Op
 from perfmodel.specs import load_spec, parse_spec
-from perfmodel.yamlsafe import loads as load_text
+from perfmodel.specs.yamlsafe import loads as load_text
 
 
 def test_linfit_recovers_line_and_clamps():
@@ -99,8 +99,8 @@ def test_calibrate_cli_bad_input_exit_2(tmp_path, capsys):
 def test_one_span_over_several_sync_collectives_is_one_sample_of_their_bytes():
     """runtime.optim wraps the gradient sync of every bucket (dp_sp and edp) in one dp.grad_sync span:
     its per-step time pairs with the sum of both collectives' bytes per rank, not one of them."""
-    from perfmodel.calibrate_data import stage_ops
-    from perfmodel.opgraph import OpGraph
+    from perfmodel.calibrate.data import stage_ops
+    from perfmodel.sim.opgraph import OpGraph
 
     model = load_spec("tiny-moe", "model")
     g = OpGraph(model, parse_spec({"kind": "plan", "global_batch": 8}, "plan", "p"), 4)  # dp4: dp_sp = edp = 4
@@ -115,7 +115,7 @@ def test_one_span_over_several_sync_collectives_is_one_sample_of_their_bytes():
 def test_comm_compute_slowdown_is_recovered_from_overlapped_step_times():
     """Overlapped runs whose step times were simulated with slowdown 0.8 (and a run that overlaps
     nothing, priced exactly): the step-time fit finds 0.8 again."""
-    from perfmodel.calibrate_overlap import fit_slowdown
+    from perfmodel.calibrate.overlap import fit_slowdown
     from perfmodel.compare import study_specs
     from perfmodel.sim import simulate
     from perfmodel.specs import PlanSpec, StudySpec

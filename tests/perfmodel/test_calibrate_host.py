@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from perfmodel.calibrate_host import HostCase, fit_host
+from perfmodel.calibrate.host import HostCase, fit_host
 
 REPO = Path(__file__).resolve().parents[2]
 TRACES = REPO / "traces" / "h100-1gpu"

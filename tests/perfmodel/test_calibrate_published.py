@@ -7,8 +7,8 @@ import math
 import pytest
 import yaml
 
-from perfmodel.calibrate_published import Constants, cases, fit, leave_one_out, predict, summary, uncertainty
-from perfmodel.calibrate_published_cli import MARKER, calibrate_published, write_preset
+from perfmodel.calibrate.published import Constants, cases, fit, leave_one_out, predict, summary, uncertainty
+from perfmodel.calibrate.published_cli import MARKER, calibrate_published, write_preset
 
 TRUE = Constants(compute=0.8, compute_fp8=0.95, fabric=0.45, nvlink=0.45, launch_us=4.0)
 PLANS = {  # compute only (one GPU), data parallel, network-bound (EP over 2 nodes), pipeline, FP8

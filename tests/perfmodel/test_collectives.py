@@ -1,10 +1,10 @@
 import pytest
 import simpy
 
-from perfmodel.collectives import bytes_sent, collective_cost, expand
+from perfmodel.sim.collectives import bytes_sent, collective_cost, expand
 from perfmodel.sim.fluid import FluidNet
+from perfmodel.sim.topology import build_topology
 from perfmodel.specs import ClusterSpec
-from perfmodel.topology import build_topology
 
 
 def _topo(nodes=2, gpn=8):
@@ -97,7 +97,7 @@ def test_concurrent_groups_share_the_spine():
 
 
 def test_distinct_nodes_per_token():
-    from perfmodel.collectives import distinct_nodes_per_token
+    from perfmodel.sim.collectives import distinct_nodes_per_token
 
     assert distinct_nodes_per_token(1, 8) == pytest.approx(1.0)
     assert distinct_nodes_per_token(8, 8) == pytest.approx(8 * (1 - (7 / 8) ** 8))  # 5.25 of 8 nodes

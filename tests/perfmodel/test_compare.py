@@ -10,7 +10,7 @@ import math
 import pytest
 
 from perfmodel.cli import main as cli
-from perfmodel.compare_out import kendall_tau, perfetto
+from perfmodel.compare.out import kendall_tau, perfetto
 from perfmodel.sim.result import TraceEvent
 
 pytest.importorskip("torch")
@@ -84,7 +84,7 @@ def test_compare_closes_the_loop_on_two_ranks(tmp_path, capsys):
 
 
 def test_report_names_the_ops_that_carry_a_plans_error_per_step():
-    from perfmodel.compare_out import report_md
+    from perfmodel.compare.out import report_md
 
     rows = [{"plan": "a", "held_out": True, "predicted_s": 1.3, "measured_s": 1.0, "error_pct": 30.0},
             {"plan": "b", "held_out": True, "predicted_s": 1.0, "measured_s": 1.0, "error_pct": 1.0}]

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from perfmodel.hardware import Hardware
-from perfmodel.memory import estimate_memory
-from perfmodel.opgraph import FP8_GEMMS, OpGraph
-from perfmodel.opnames import OP_NAMES
 from perfmodel.sim import simulate
+from perfmodel.sim.hardware import Hardware
+from perfmodel.sim.memory import estimate_memory
+from perfmodel.sim.opgraph import FP8_GEMMS, OpGraph
 from perfmodel.specs import PlanSpec, SpecError, load_spec
+from perfmodel.specs.opnames import OP_NAMES
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = load_spec("mixtral-8x7b", "model")

@@ -6,11 +6,11 @@ from types import SimpleNamespace
 
 import pytest
 
-from perfmodel.pplayout import StageLayout
 from perfmodel.sim import simulate
 from perfmodel.sim.engine import _overlapped_sync
 from perfmodel.sim.pipeline import run_pipeline
 from perfmodel.specs import load_spec, with_overrides
+from perfmodel.specs.pplayout import StageLayout
 
 
 def _layout(pp: int, vpp: int, layers: int) -> StageLayout:

@@ -1,7 +1,7 @@
 import pytest
 
-from perfmodel.hardware import Hardware
-from perfmodel.opgraph import Op, gemm, mem
+from perfmodel.sim.hardware import Hardware
+from perfmodel.sim.opgraph import Op, gemm, mem
 from perfmodel.specs import load_spec
 
 

@@ -4,8 +4,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from perfmodel.layout import group_of, plan_layout, rank_group_index, rank_groups
 from perfmodel.specs import ModelSpec, PlanSpec, SpecError
+from perfmodel.specs.layout import group_of, plan_layout, rank_group_index, rank_groups
 
 MODEL = ModelSpec(layers=8, hidden=256, heads=8, kv_heads=4, head_dim=32, vocab=512, seq_len=256,
                   moe=dict(experts=8, top_k=2, expert_ffn_hidden=512))

@@ -1,10 +1,10 @@
-"""perfmodel.memory against numbers worked out by hand (bytes), plus sanity on real presets."""
+"""perfmodel.sim.memory against numbers worked out by hand (bytes), plus sanity on real presets."""
 
 from __future__ import annotations
 
 import pytest
 
-from perfmodel.memory import GiB, estimate_memory, estimate_stages, stage_layers
+from perfmodel.sim.memory import GiB, estimate_memory, estimate_stages, stage_layers
 from perfmodel.specs import ModelSpec, PlanSpec, SpecError, load_spec
 
 # 2 MoE layers, h=64, 4 heads x 16 (MHA), vocab 100, seq 32, 4 experts top-2 of width 128.

@@ -2,9 +2,9 @@
 
 import pytest
 
-from perfmodel.opgraph import OpGraph
-from perfmodel.opnames import OP_NAMES
+from perfmodel.sim.opgraph import OpGraph
 from perfmodel.specs import ModelSpec, PlanSpec
+from perfmodel.specs.opnames import OP_NAMES
 
 MIXTRAL = ModelSpec(layers=32, hidden=4096, heads=32, kv_heads=8, head_dim=128, vocab=32000, seq_len=4096,
                     moe=dict(experts=8, top_k=2, expert_ffn_hidden=14336))

@@ -8,7 +8,7 @@ by constants fitted without it) are printed by benchmarks/fidelity.py (max 7.1 %
 
 import pytest
 
-from perfmodel.search_cli import study_variants
+from perfmodel.search.cli import study_variants
 from perfmodel.sim import simulate
 from perfmodel.specs import load_spec
 

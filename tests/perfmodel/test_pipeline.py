@@ -1,16 +1,16 @@
-"""Pipeline layouts (perfmodel.pplayout) and schedules (perfmodel.sim.pipeline): closed forms,
+"""Pipeline layouts (perfmodel.specs.pplayout) and schedules (perfmodel.sim.pipeline): closed forms,
 uneven stages priced per stage, and the bad-input rules."""
 
 from __future__ import annotations
 
 import pytest
 
-from perfmodel.layout import plan_layout
-from perfmodel.memory import estimate_stages, stage_layers
-from perfmodel.pplayout import StageLayout, balanced_split, parse_megatron, resolve
 from perfmodel.sim import simulate
+from perfmodel.sim.memory import estimate_stages, stage_layers
 from perfmodel.sim.pipeline import rank_orders, run_schedule
 from perfmodel.specs import ClusterSpec, ModelSpec, PlanSpec, SpecError, load_spec, parse_spec
+from perfmodel.specs.layout import plan_layout
+from perfmodel.specs.pplayout import StageLayout, balanced_split, parse_megatron, resolve
 
 
 def _v(pp: int) -> StageLayout:

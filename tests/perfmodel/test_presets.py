@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from perfmodel import yamlsafe
-from perfmodel.specs import PRESET_DIR, PRESET_SUBDIR, load_spec, preset_names
-from perfmodel.validate import main_presets, validate_file
+from perfmodel.specs import PRESET_DIR, PRESET_SUBDIR, load_spec, preset_names, yamlsafe
+from perfmodel.specs.validate import main_presets, validate_file
 
 EXPECTED = {
     "model": {"deepseek-v3", "megascale-moe-352b", "mixtral-8x7b", "mixtral-8x22b", "qwen3-moe-235b-a22b", "qwen2-57b-a14b",

@@ -8,15 +8,15 @@ from pathlib import Path
 import pytest
 
 from perfmodel.cli import main
-from perfmodel.flops import flops_per_token
-from perfmodel.published import (
+from perfmodel.specs import SpecError, load_spec
+from perfmodel.specs.flops import flops_per_token
+from perfmodel.specs.published import (
     MEASURED_KINDS,
     load_published,
     measured_tokens_per_s,
     parse_published,
     resolve,
 )
-from perfmodel.specs import SpecError, load_spec
 
 ROOT = Path(__file__).resolve().parents[2]
 DATASET = ROOT / "studies" / "published"

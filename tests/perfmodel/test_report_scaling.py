@@ -6,9 +6,9 @@ from __future__ import annotations
 import yaml
 
 from perfmodel.report import write_report
-from perfmodel.report_figures import scaling_chart
+from perfmodel.report.figures import scaling_chart
 from perfmodel.search import run_search
-from perfmodel.search_cli import study_variants
+from perfmodel.search.cli import study_variants
 from perfmodel.specs import StudySpec
 
 STUDY = """\

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 from test_search_fake import fake_simulate, sim_for_tests
 
-from perfmodel.layout import plan_layout
 from perfmodel.search import enumerate_space, lower_bound_s, run_search
-from perfmodel.search_cli import study_variants
+from perfmodel.search.cli import study_variants
 from perfmodel.specs import SearchSpace, SpecError, StudySpec, load_spec
+from perfmodel.specs.layout import plan_layout
 
 
 def small_study(**search) -> StudySpec:

@@ -3,11 +3,11 @@ report), and a check that it behaves like the simulator's contract."""
 
 from __future__ import annotations
 
-from perfmodel.layout import plan_layout
-from perfmodel.memory import estimate_memory
 from perfmodel.search import lower_bound_s
+from perfmodel.sim.memory import estimate_memory
 from perfmodel.sim.result import SimResult, TraceEvent
 from perfmodel.specs import load_spec
+from perfmodel.specs.layout import plan_layout
 
 
 def fake_simulate(model, cluster, plan, profile=None, *, trace=False):

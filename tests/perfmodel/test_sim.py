@@ -3,12 +3,12 @@ import math
 
 import pytest
 
-from perfmodel.chrometrace import dumps
-from perfmodel.collectives import CollectiveCost, straggler_gap
-from perfmodel.hardware import Hardware
-from perfmodel.opgraph import Op
 from perfmodel.sim import simulate
+from perfmodel.sim.chrometrace import dumps
+from perfmodel.sim.collectives import CollectiveCost, straggler_gap
+from perfmodel.sim.hardware import Hardware
 from perfmodel.sim.layer import run_layer
+from perfmodel.sim.opgraph import Op
 from perfmodel.sim.pipeline import run_pipeline
 from perfmodel.specs import (
     ClusterSpec,

@@ -13,7 +13,7 @@ def test_collective_fit_replaces_topology_estimate():
     prof = base.model_copy(update={"collectives": {"all_to_all.ep": CollectiveFit(latency_us=1000.0, bw_GBps=0.01)}})
     plain = simulate(model, cluster, plan, base).details["layer_ops"]
     calib = simulate(model, cluster, plan, prof).details["layer_ops"]
-    from perfmodel.opgraph import OpGraph
+    from perfmodel.sim.opgraph import OpGraph
 
     op = next(o for o in OpGraph(model, plan, 4).layers["moe"].ops if o.event == "moe.dispatch_a2a/fwd")
     expect = 1e-3 * 3 + op.bytes_per_rank * op.imbalance / 0.01e9  # latency per step; 3 peer exchanges

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from perfmodel import yamlsafe
-from perfmodel.layout import plan_layout
 from perfmodel.specs import (
     PRESET_DIR,
     ModelSpec,
@@ -15,8 +13,10 @@ from perfmodel.specs import (
     load_spec,
     parse_spec,
     with_overrides,
+    yamlsafe,
 )
-from perfmodel.validate import validate_file
+from perfmodel.specs.layout import plan_layout
+from perfmodel.specs.validate import validate_file
 
 MODEL = """\
 kind: model

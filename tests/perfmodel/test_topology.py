@@ -1,7 +1,7 @@
 import pytest
 
+from perfmodel.sim.topology import build_topology, topology_for
 from perfmodel.specs import ClusterSpec, SpecError, load_spec
-from perfmodel.topology import build_topology, topology_for
 
 
 def _cluster(nodes=4, gpn=8, **net):

@@ -1,8 +1,8 @@
 """The symmetric fast path equals the general construction.
 
-Fast path: the closed-form fabric (perfmodel.topology), the closed-form group of a rank
+Fast path: the closed-form fabric (perfmodel.sim.topology), the closed-form group of a rank
 (layout.group_of_rank), collectives priced on flow arrays, one pricing per translate of a group.
-General path: the networkx graph (perfmodel.topology_graph), every group enumerated
+General path: the networkx graph (perfmodel.sim.topology_graph), every group enumerated
 (layout.rank_groups), each flow routed and summed one by one (the per-flow pricing below, as
 collectives.py did it before it was vectorized). They must agree bit for bit.
 """
@@ -15,11 +15,10 @@ import random
 import numpy as np
 import pytest
 
-from perfmodel import collectives, layout
-from perfmodel.sim import engine, simulate
-from perfmodel.specs import ClusterSpec, PlanSpec, SpecError, load_spec
-from perfmodel.topology import LINK_CLASSES, build_topology
-from perfmodel.topology_graph import build_graph_topology
+from perfmodel.sim import collectives, engine, simulate
+from perfmodel.sim.topology import LINK_CLASSES, build_topology
+from perfmodel.sim.topology_graph import build_graph_topology
+from perfmodel.specs import ClusterSpec, PlanSpec, SpecError, layout, load_spec
 
 
 def _cluster(nodes: int, gpn: int, nics: int, rails: bool, tiers: int, leaf_ports: int, domain: int | None,
@@ -138,8 +137,8 @@ def test_a_translated_group_costs_the_same_and_large_phases_match_per_flow():
 
 
 def test_a_92k_gpu_simulation_builds_nothing_per_gpu():
+    from perfmodel.sim.topology import topology_for
     from perfmodel.specs import with_overrides
-    from perfmodel.topology import topology_for
 
     model = load_spec("megascale-moe-352b", "model")
     cluster = with_overrides(load_spec("megascale-1440", "cluster"), {"nodes": 11520}, "test")

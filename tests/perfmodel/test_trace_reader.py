@@ -6,8 +6,8 @@ import json
 
 import pytest
 
+from perfmodel.calibrate.trace_reader import load_events, rank_files, read_trace
 from perfmodel.specs import SpecError
-from perfmodel.trace_reader import load_events, rank_files, read_trace
 
 torch = pytest.importorskip("torch")
 

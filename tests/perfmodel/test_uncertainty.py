@@ -1,4 +1,4 @@
-"""Error bands (perfmodel/uncertainty.py): band math, formatting, ties, the `uncertainty` profile
+"""Error bands (perfmodel/sim/uncertainty.py): band math, formatting, ties, the `uncertainty` profile
 block, and the band in simulate --json, plans.csv, the search report and compare's own band."""
 
 from __future__ import annotations
@@ -15,13 +15,12 @@ from test_search_fake import fake_simulate
 
 from perfmodel.cli import main as cli
 from perfmodel.compare import held_out_band
-from perfmodel.compare_out import report_md
+from perfmodel.compare.out import report_md
 from perfmodel.report import CSV_COLUMNS, plans_csv, summary_json
-from perfmodel.report_doc import Doc, fill_sections
+from perfmodel.report.doc import Doc, fill_sections
 from perfmodel.search import run_search
-from perfmodel.search_cli import study_variants
-from perfmodel.specs import SpecError, StudySpec, UncertaintySpec, load_spec, parse_spec, with_overrides
-from perfmodel.uncertainty import (
+from perfmodel.search.cli import study_variants
+from perfmodel.sim.uncertainty import (
     NO_BAND,
     band,
     fmt_tokens,
@@ -31,6 +30,7 @@ from perfmodel.uncertainty import (
     tie_set,
     z_for,
 )
+from perfmodel.specs import SpecError, StudySpec, UncertaintySpec, load_spec, parse_spec, with_overrides
 
 UNC = {"confidence": 0.9, "loo_log_rms": 0.071, "log_halfwidth": 0.117, "n_runs": 16, "method": "test"}
 
@@ -122,8 +122,10 @@ plans:
 def _search(unc: dict | None):
     study = StudySpec.model_validate(yaml.safe_load(STUDY))
     # explicit either way: the Hopper presets carry a band once calibrated (calibrate --published)
-    variants = [dataclasses.replace(v, profile=with_overrides(v.profile, {"uncertainty": unc}, "t"))
-                for v in study_variants(study, "tie")]
+    # (the preset's own block is dropped first: a deep merge would keep its log_halfwidth)
+    bare = [(v, v.profile.model_copy(update={"uncertainty": None})) for v in study_variants(study, "tie")]
+    variants = [dataclasses.replace(v, profile=with_overrides(p, {"uncertainty": unc}, "t") if unc else p)
+                for v, p in bare]
     return run_search(study, variants, jobs=1, simulate_fn=fake_simulate, memory_fn=None)
 
 

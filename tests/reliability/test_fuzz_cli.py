@@ -90,7 +90,7 @@ EX = lambda n: settings(max_examples=n * SCALE)  # noqa: E731
 # ------------------------------------------------------------------------- validate, presets
 def _validates(data) -> bool:
     from perfmodel.specs import SpecError
-    from perfmodel.validate import validate_file
+    from perfmodel.specs.validate import validate_file
 
     with tempfile.TemporaryDirectory() as tmp:
         p = Path(tmp) / "spec.yaml"

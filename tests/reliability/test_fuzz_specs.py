@@ -12,8 +12,7 @@ from cli_harness import SCALE
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from perfmodel import yamlsafe
-from perfmodel.memory import estimate_memory
+from perfmodel.sim.memory import estimate_memory
 from perfmodel.specs import (
     PRESET_DIR,
     ClusterSpec,
@@ -23,8 +22,9 @@ from perfmodel.specs import (
     StudySpec,
     load_spec,
     parse_spec,
+    yamlsafe,
 )
-from perfmodel.validate import check_study, cluster_profile, one_line
+from perfmodel.specs.validate import check_study, cluster_profile, one_line
 
 FUZZ = settings(max_examples=200 * SCALE, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

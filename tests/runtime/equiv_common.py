@@ -37,7 +37,7 @@ PLANS = {
 }
 
 # pipeline layouts and schedules (tests/runtime/test_equivalence_pipeline.py), on a model whose layers
-# no pp*vpp divides: the default balanced split (perfmodel/pplayout.py) gives 3+2 over pp=2 and
+# no pp*vpp divides: the default balanced split (perfmodel/specs/pplayout.py) gives 3+2 over pp=2 and
 # 1+1+2+1 over 4 virtual stages; 4 micro-batches per replica (dualpipev needs >= 2*pp)
 PIPELINE_LAYERS = 5
 PIPELINE_PLANS = {

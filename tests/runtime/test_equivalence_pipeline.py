@@ -1,4 +1,4 @@
-"""Pipeline equivalence: uneven stages (perfmodel.pplayout's balanced split and explicit pp_layouts)
+"""Pipeline equivalence: uneven stages (perfmodel.specs.pplayout's balanced split and explicit pp_layouts)
 under every schedule the runtime runs (1F1B, interleaved, ZB-V zero-bubble, DualPipeV) match one
 process on a 5-layer model: step-1 loss, aux loss and synced gradients within rel. 1e-4 (the zero-bubble
 schedules split each backward into input and weight passes), the loss over the steps within 1e-3.

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from perfmodel.opnames import split_event_name
+from perfmodel.specs.opnames import split_event_name
 from runtime import fp8_linear
 from runtime.kernels.fp8 import (
     FP8_DTYPE,

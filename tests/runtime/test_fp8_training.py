@@ -37,7 +37,7 @@ import proc_group
 import pytest
 import torch
 
-from perfmodel.opgraph import FP8_GEMMS
+from perfmodel.sim.opgraph import FP8_GEMMS
 from perfmodel.specs import ModelSpec, PlanSpec, load_spec
 from runtime import fp8_linear
 from runtime.groups import Parallel

@@ -1,9 +1,9 @@
-"""Process groups come from perfmodel.layout.rank_groups; checked without spawning ranks."""
+"""Process groups come from perfmodel.specs.layout.rank_groups; checked without spawning ranks."""
 
 import pytest
 
-from perfmodel.layout import rank_groups
 from perfmodel.specs import PlanSpec
+from perfmodel.specs.layout import rank_groups
 from runtime import groups as G
 from runtime.groups import Parallel, build_parallel, group_lists
 

@@ -1,12 +1,12 @@
-"""Stages built from the shared layout (perfmodel.pplayout): which layers, embedding and head each
+"""Stages built from the shared layout (perfmodel.specs.pplayout): which layers, embedding and head each
 pipeline rank holds under loop and V placement, empty stages, and the schedule classes."""
 
 import pytest
 import torch
 
-from perfmodel.opnames import GROUP_KINDS
-from perfmodel.pplayout import resolve
 from perfmodel.specs import ModelSpec, MoESpec, PlanSpec, SpecError
+from perfmodel.specs.opnames import GROUP_KINDS
+from perfmodel.specs.pplayout import resolve
 from runtime.groups import Parallel
 from runtime.model import Stage, build_stages, check_supported
 from runtime.pipeline import SCHEDULE_CLASSES, schedule_class

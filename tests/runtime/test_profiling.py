@@ -6,8 +6,8 @@ import json
 
 import pytest
 
+from perfmodel.calibrate.trace_reader import read_run
 from perfmodel.specs import PlanSpec, SpecError, load_spec
-from perfmodel.trace_reader import read_run
 
 torch = pytest.importorskip("torch")
 from runtime.profiling import StepProfiler, parse_steps  # noqa: E402

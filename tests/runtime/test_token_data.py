@@ -13,9 +13,9 @@ import proc_group
 import pytest
 
 from perfmodel.cli import main as cli
-from perfmodel.layout import group_of, rank_groups
-from perfmodel.opnames import GROUP_KINDS
 from perfmodel.specs import PlanSpec, SpecError
+from perfmodel.specs.layout import group_of, rank_groups
+from perfmodel.specs.opnames import GROUP_KINDS
 
 tokenizers = pytest.importorskip("tokenizers")
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from perfmodel import atomic
 from perfmodel.argparse_util import parser
-from perfmodel.calibrate_published import (
+from perfmodel.calibrate.published import (
     CONFIDENCE,
     SHARES,
     Constants,
@@ -35,13 +35,13 @@ from perfmodel.specs import ProfileSpec, SpecError, UncertaintySpec, load_spec
 MARKER = "# >>> production constants"
 GENERATED = ("gemm_efficiency", "grouped_gemm_efficiency", "fp8_gemm_efficiency", "fp8_grouped_gemm_efficiency",
              "attention_efficiency", "launch_overhead_us", "fabrics", "calibrated_from", "uncertainty")
-PRESETS = Path(__file__).parent / "presets" / "gpus"
+PRESETS = Path(__file__).parent.parent / "presets" / "gpus"
 REGEN = "moeperf calibrate --published studies/published --write-presets"
 
 
 def _start(family: str) -> Constants:
     """The family's current constants, read back from its preset (kernel level x constant)."""
-    from perfmodel.calibrate_published import COMPUTE_FP8, DATASHEET_FABRIC, KERNEL_CURVES
+    from perfmodel.calibrate.published import COMPUTE_FP8, DATASHEET_FABRIC, KERNEL_CURVES
 
     try:
         p = load_spec(family, "profile")

@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from perfmodel.calibrate_data import measured_step_s, run_cluster, run_specs
+from perfmodel.calibrate.data import measured_step_s, run_cluster, run_specs
+from perfmodel.calibrate.trace_reader import RankTrace
 from perfmodel.specs import ClusterSpec, ModelSpec, PlanSpec, ProfileSpec
-from perfmodel.trace_reader import RankTrace
 
 GRID = np.round(np.arange(0.0, 3.0001, 0.05), 2)
 

@@ -17,7 +17,7 @@ Tiers: 1 = one switch for all NICs; 2 = leaf/spine; 3 = as 2 plus one more hop l
 Symmetry: every node, rail and leaf is alike (only the last leaf of a rail may hold fewer
 nodes), so a link's id, class, capacity and a route are arithmetic on GPU indices: nothing is
 built per GPU, and a 100k-GPU cluster costs what a 1k-GPU one does. Link ids are laid out
-as the reference graph (perfmodel.topology_graph) numbers its edges: NVLink 2r / 2r+1 per GPU r,
+as the reference graph (perfmodel.sim.topology_graph) numbers its edges: NVLink 2r / 2r+1 per GPU r,
 then per node its NICs' up/down pairs (and its GPUs' PCIe pairs with shared NICs), then one
 up/down pair per leaf in the order of the leaves' names. Tests hold the two equal link by link.
 """
@@ -296,7 +296,7 @@ class Topology:
     # ------------------------------------------------------------ inspection (reference graph)
     @cached_property
     def _reference(self) -> Any:
-        from perfmodel.topology_graph import build_graph_from
+        from perfmodel.sim.topology_graph import build_graph_from
 
         return build_graph_from(self.fab)
 

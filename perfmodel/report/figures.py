@@ -21,9 +21,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
 from perfmodel import atomic  # noqa: E402
-from perfmodel.report_doc import LABELS, breakdown_of  # noqa: E402
+from perfmodel.report.doc import LABELS, breakdown_of  # noqa: E402
 from perfmodel.search import BREAKDOWN_KEYS, Row, SearchResult  # noqa: E402
-from perfmodel.uncertainty import NO_BAND, band, fmt_conf, fmt_pct  # noqa: E402
+from perfmodel.sim.uncertainty import NO_BAND, band, fmt_conf, fmt_pct  # noqa: E402
 
 DPI = 110
 FIGURES = ("throughput_memory.png", "breakdown.png", "variants.png", "scaling.png", "layer_gantt.png", "pipeline.png")

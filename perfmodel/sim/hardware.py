@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from perfmodel.opgraph import Op
+from perfmodel.sim.opgraph import Op
 from perfmodel.specs import ProfileSpec, SpecError
 
 TILE_OVERHEAD_US = 0.5  # per tile of a fused GEMM+comm kernel (tile sync, no extra launch)

@@ -29,11 +29,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from perfmodel.hardware import Hardware
-from perfmodel.layout import plan_layout
-from perfmodel.opgraph import OpGraph
-from perfmodel.search_space import enumerate_space, plan_name, space_size  # noqa: F401 (re-exported)
+from perfmodel.search.space import enumerate_space, plan_name, space_size  # noqa: F401 (re-exported)
+from perfmodel.sim.hardware import Hardware
+from perfmodel.sim.opgraph import OpGraph
 from perfmodel.specs import ClusterSpec, ModelSpec, PlanSpec, ProfileSpec, SpecError, StudySpec
+from perfmodel.specs.layout import plan_layout
 
 BATCH = 48  # candidates per evaluation batch (fixed: results must not depend on --jobs)
 DEFAULT_GLOBAL_BATCH = PlanSpec().global_batch
@@ -160,7 +160,7 @@ def default_simulate() -> SimulateFn:
 
 def default_memory() -> MemoryFn:
     try:
-        from perfmodel.memory import estimate_memory
+        from perfmodel.sim.memory import estimate_memory
     except ImportError:
         return None
     return estimate_memory

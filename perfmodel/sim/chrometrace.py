@@ -49,8 +49,8 @@ def write_chrome_trace(path: str | Path, events: list[Any], metadata: dict[str, 
     return atomic.write_text(path, dumps(events, metadata))
 
 
-# Read side (one definition, in perfmodel/trace_reader.py): torch.profiler (CPU/CUDA) and simulated
+# Read side (one definition, in perfmodel/calibrate/trace_reader.py): torch.profiler (CPU/CUDA) and simulated
 # traces -> op-graph event names and phases.
-from perfmodel.trace_reader import RankTrace, Span, load_events, read_run, read_trace  # noqa: E402
+from perfmodel.calibrate.trace_reader import RankTrace, Span, load_events, read_run, read_trace  # noqa: E402
 
 __all__ = ["to_chrome_trace", "dumps", "write_chrome_trace", "RankTrace", "Span", "load_events", "read_run", "read_trace"]

@@ -21,8 +21,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from perfmodel.layout import group_of, rank_groups
-from perfmodel.opgraph import Op, OpGraph
+from perfmodel.calibrate.trace_reader import RankTrace, read_meta, read_run
+from perfmodel.sim.opgraph import Op, OpGraph
 from perfmodel.specs import (
     ClusterSpec,
     ModelSpec,
@@ -33,7 +33,7 @@ from perfmodel.specs import (
     parse_spec,
     with_overrides,
 )
-from perfmodel.trace_reader import RankTrace, read_meta, read_run
+from perfmodel.specs.layout import group_of, rank_groups
 
 
 @dataclass(frozen=True)

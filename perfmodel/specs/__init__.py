@@ -13,9 +13,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from perfmodel import yamlsafe
+from perfmodel.specs import yamlsafe
 
-PRESET_DIR = Path(__file__).parent / "presets"
+PRESET_DIR = Path(__file__).parent.parent / "presets"
 PRESET_SUBDIR = {"model": "models", "cluster": "clusters", "profile": "gpus"}
 KINDS = ("model", "cluster", "plan", "study", "profile", "published_run")
 
@@ -232,14 +232,14 @@ class FabricProfile(Strict):
 
 class CollectiveFit(Strict):
     """A calibrated collective (alpha-beta): seconds = latency_us*1e-6 * latency steps + bytes_per_rank /
-    (bw_GBps*1e9); latency steps = perfmodel.collectives.latency_steps (n-1 per ring or peer exchange)."""
+    (bw_GBps*1e9); latency steps = perfmodel.sim.collectives.latency_steps (n-1 per ring or peer exchange)."""
 
     latency_us: NonNegFloat
     bw_GBps: PosFloat
 
 
 class UncertaintySpec(Strict):
-    """How far a prediction of this profile is from a measured run (perfmodel/uncertainty.py):
+    """How far a prediction of this profile is from a measured run (perfmodel/sim/uncertainty.py):
     the band is prediction x exp(-+w), w = z((1 + confidence) / 2) x loo_log_rms."""
 
     confidence: Annotated[float, Field(gt=0, lt=1, allow_inf_nan=False)] = 0.9  # two-sided coverage
@@ -252,7 +252,7 @@ class UncertaintySpec(Strict):
     @model_validator(mode="after")
     def _check(self) -> UncertaintySpec:
         if self.log_halfwidth is not None:
-            from perfmodel.uncertainty import z_for  # lazy: uncertainty imports this module
+            from perfmodel.sim.uncertainty import z_for  # lazy: uncertainty imports this module
 
             w = z_for(self.confidence) * self.loo_log_rms
             if abs(self.log_halfwidth - w) > 1e-3:
@@ -291,10 +291,10 @@ class ProfileSpec(Strict):
     # ranks drift apart while they compute (OS noise, time-shared cores, clock jitter): the spread
     # of their arrival at a layer collective is this fraction of the compute each did since its
     # previous collective, and the collective first waits for the last of its n ranks
-    # (perfmodel.collectives.straggler_wait_s). Calibrated on gloo ranks sharing cores; 0 on presets
+    # (perfmodel.sim.collectives.straggler_wait_s). Calibrated on gloo ranks sharing cores; 0 on presets
     sync_skew: Annotated[float, Field(ge=0, le=5, allow_inf_nan=False)] = 0.0
     # calibrated collectives: latency grows with the group as (n-1)^latency_exponent steps
-    # (perfmodel.collectives.latency_steps); 1 = rounds in series
+    # (perfmodel.sim.collectives.latency_steps); 1 = rounds in series
     latency_exponent: Annotated[float, Field(ge=0, le=2, allow_inf_nan=False)] = 1.0
     # calibrated only: per collective, keyed "<collective>.<group kind>" (e.g. all_to_all.ep) or
     # "<collective>" (any group); the fabric's latency/efficiency apply where no key matches
@@ -358,7 +358,7 @@ SCHEDULES = ("1f1b", "interleaved", "zero-bubble", "dualpipev")
 
 
 class PipelineLayoutSpec(Strict):
-    """Layers per virtual pipeline stage (perfmodel/pplayout.py resolves and checks it).
+    """Layers per virtual pipeline stage (perfmodel/specs/pplayout.py resolves and checks it).
 
     `stages`: decoder layers of each virtual stage in pipeline order (pp*vpp entries); omitted:
     the default split, where the two flags count the embedding / the loss as one layer's worth of
@@ -421,7 +421,7 @@ class PlanSpec(Strict):
     @classmethod
     def _layout(cls, v: Any) -> Any:
         if isinstance(v, str):
-            from perfmodel.pplayout import parse_megatron
+            from perfmodel.specs.pplayout import parse_megatron
 
             return parse_megatron(v)
         if isinstance(v, (list, tuple)):
@@ -516,9 +516,9 @@ _KIND_MARKERS = {
 
 
 def spec_class(kind: str) -> type[Strict]:
-    """The class of a spec kind; a published run's lives in perfmodel.published (it builds on these)."""
+    """The class of a spec kind; a published run's lives in perfmodel.specs.published (it builds on these)."""
     if kind == "published_run":
-        from perfmodel.published import PublishedRun
+        from perfmodel.specs.published import PublishedRun
 
         return PublishedRun
     return SPEC_CLASSES[kind]

@@ -16,8 +16,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from perfmodel import pplayout
-from perfmodel.specs import ModelSpec, PlanSpec, SpecError
+from perfmodel.specs import ModelSpec, PlanSpec, SpecError, pplayout
 
 MAX_SCHEDULE_CHUNKS = 1 << 16  # micro-batches x pp x vpp: far beyond real plans, bounded so no input hangs
 

@@ -26,7 +26,7 @@ logits). Conventions (Megatron-Core mixed precision, Adam):
   multiplies by 1 + (pp-1)/(pp*vpp) (Narayanan et al., arXiv 2104.04473); ZB-V holds pp on
   every rank (Qi et al., arXiv 2401.10241: peak p*M_B), DualPipeV pp + 1/2 (DeepSeek-V3
   Table 2: PP+1 chunks of half a stage). Each rank counts the layers its layout gives it
-  (perfmodel.pplayout; uneven stages), so every stage is estimated and the worst reported.
+  (perfmodel.specs.pplayout; uneven stages), so every stage is estimated and the worst reported.
 * precision fp8: the FP8-GEMM weights also have an FP8 copy and a transposed FP8 copy (+2
   bytes/param); the inputs those GEMMs save for wgrad are kept in FP8 (1 byte, + a 4-byte
   scale per 128 values for blockwise). The last stage
@@ -40,9 +40,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from perfmodel import pplayout
-from perfmodel.layout import Layout, plan_layout
-from perfmodel.specs import ModelSpec, PlanSpec, ProfileSpec
+from perfmodel.specs import ModelSpec, PlanSpec, ProfileSpec, pplayout
+from perfmodel.specs.layout import Layout, plan_layout
 
 GiB = float(2**30)
 BF16 = 2
@@ -77,7 +76,7 @@ def _moe_upto(model: ModelSpec, n: int) -> int:
 
 
 def stage_layers(model: ModelSpec, plan: PlanSpec, stage: int) -> tuple[int, int]:
-    """(MoE layers, dense layers) held by a pipeline rank (all its virtual stages; perfmodel.pplayout)."""
+    """(MoE layers, dense layers) held by a pipeline rank (all its virtual stages; perfmodel.specs.pplayout)."""
     layout = pplayout.resolve(model.layers, plan)
     moe = total = 0
     for v in layout.stages_of(stage):

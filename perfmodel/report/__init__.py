@@ -18,12 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from perfmodel import atomic
-from perfmodel.chrometrace import write_chrome_trace
-from perfmodel.layout import plan_layout
-from perfmodel.report_doc import Doc, breakdown_of, fill_sections, fixed_details, fmt_gib, tie_words, unc_of
+from perfmodel.report.doc import Doc, breakdown_of, fill_sections, fixed_details, fmt_gib, tie_words, unc_of
 from perfmodel.search import BREAKDOWN_KEYS, Row, SearchResult, default_simulate
+from perfmodel.sim.chrometrace import write_chrome_trace
+from perfmodel.sim.uncertainty import band_fields, block, fmt_tokens, tie_set
 from perfmodel.specs import SpecError
-from perfmodel.uncertainty import band_fields, block, fmt_tokens, tie_set
+from perfmodel.specs.layout import plan_layout
 
 PLAN_COLUMNS = ("tp", "sp", "ep", "etp", "pp", "vpp", "dp", "micro_batch", "global_batch", "schedule",
                 "recompute", "inter_op", "intra_op", "chunks", "overlap_grad_sync", "dispatch", "combine",
@@ -109,7 +109,7 @@ def summary_json(result: SearchResult, out: Path, top: int) -> dict[str, Any]:
 
 def write_report(result: SearchResult, out: str | Path, *, top: int = 10, simulate_fn: Any = None) -> Path:
     """Write every report file into `out`; returns the folder."""
-    from perfmodel import report_figures as figs
+    from perfmodel.report import figures as figs
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

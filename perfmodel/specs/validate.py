@@ -14,9 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from perfmodel import yamlsafe
 from perfmodel.argparse_util import parser
-from perfmodel.layout import plan_layout
 from perfmodel.specs import (
     KINDS,
     PRESET_SUBDIR,
@@ -31,7 +29,9 @@ from perfmodel.specs import (
     parse_spec,
     preset_names,
     with_overrides,
+    yamlsafe,
 )
+from perfmodel.specs.layout import plan_layout
 
 
 def one_line(msg: str) -> str:
@@ -124,7 +124,7 @@ def _validate_file(path: str, kind: str | None) -> Strict:
     elif isinstance(spec, StudySpec):
         check_study(spec, path, p.parent)
     elif spec.kind == "published_run":  # type: ignore[attr-defined]
-        from perfmodel.published import measured_tokens_per_s
+        from perfmodel.specs.published import measured_tokens_per_s
 
         measured_tokens_per_s(spec, p.parent)  # type: ignore[arg-type]  # resolves model, cluster, plan
     return spec

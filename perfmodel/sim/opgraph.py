@@ -15,9 +15,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import cached_property
 
-from perfmodel.layout import Layout, plan_layout
-from perfmodel.opnames import OP_NAMES
 from perfmodel.specs import ModelSpec, PlanSpec
+from perfmodel.specs.layout import Layout, plan_layout
+from perfmodel.specs.opnames import OP_NAMES
 
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1, "int64": 8}
 ACT = "bf16"  # activations and weights are bf16 in every plan (mixed precision)
@@ -246,7 +246,7 @@ class OpGraph:
         return memo[key]
 
     def vstage_layer_kinds(self, v: int) -> list[str]:
-        """Layer kinds of virtual stage v (pipeline order; perfmodel.pplayout)."""
+        """Layer kinds of virtual stage v (pipeline order; perfmodel.specs.pplayout)."""
         return list(self._memo(("v", v), lambda: tuple(self._kind(i) for i in range(*self.layout.stages.ranges[v]))))
 
     def stage_layer_kinds(self, stage: int) -> list[str]:

@@ -1,7 +1,7 @@
 """Training FLOPs per token under the counting conventions published runs use.
 
 A paper that reports MFU or TFLOP/s per GPU divided a FLOP count it chose by the step time; to
-turn its figure back into tokens/s (perfmodel.published) the same count must be used. Every
+turn its figure back into tokens/s (perfmodel.specs.published) the same count must be used. Every
 convention counts one token of a full training step (forward + backward = 3x the forward
 GEMMs), without recomputation. The simulator's own count of useful FLOPs is
 `OpGraph.model_flops_per_iteration` (op by op); these are the closed forms of the papers.

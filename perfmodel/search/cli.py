@@ -20,7 +20,7 @@ from pathlib import Path
 from perfmodel.argparse_util import parser
 from perfmodel.search import VariantParts
 from perfmodel.specs import PRESET_DIR, SpecError, StudySpec, with_overrides
-from perfmodel.validate import check_study, cluster_profile, validate_file
+from perfmodel.specs.validate import check_study, cluster_profile, validate_file
 
 STUDY_DIR = PRESET_DIR / "studies"
 DEFAULT_STUDY = "megascale-moe-352b"
@@ -121,7 +121,7 @@ def _print_table(result, top: int, out: Path) -> None:
     console.print(table)
     print(f"searched in {result.wall_s:.1f} s ({result.evaluated / max(result.wall_s, 1e-9):.1f} simulated plans/s)")
     if shown:
-        from perfmodel.report_doc import tie_words
+        from perfmodel.report.doc import tie_words
 
         ties, sentence = tie_words(result, shown[0])
         print(sentence.replace("**", "").replace("`", ""))

@@ -3,12 +3,12 @@
 A GPU runs ahead of the Python loop that issues its kernels, so the time no kernel covers is not
 extra work added to every op (as it is on CPU, where ops run inline): the device simply waits
 whenever the host issues ops more slowly than they run. The simulator prices an op as
-max(device time, host time per op) (perfmodel.hardware), so the two are fitted the same way, on
+max(device time, host time per op) (perfmodel.sim.hardware), so the two are fitted the same way, on
 the step times the runs measured without the profiler:
 
     step = step_overhead + sum over compute-op instances of max(device_s, host_s) + comm_s
 
-with device_s each op's measured kernel time per instance (perfmodel.calibrate_data.stage_ops
+with device_s each op's measured kernel time per instance (perfmodel.calibrate.data.stage_ops
 gives the instances), a grid over host_s and step_overhead the least-relative-error intercept.
 Runs of different micro-batch sizes tell the two apart: their op counts differ several-fold.
 """
@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from perfmodel.calibrate_data import measured_step_s, run_specs, stage_of, stage_ops
-from perfmodel.opgraph import OpGraph
-from perfmodel.trace_reader import read_run
+from perfmodel.calibrate.data import measured_step_s, run_specs, stage_of, stage_ops
+from perfmodel.calibrate.trace_reader import read_run
+from perfmodel.sim.opgraph import OpGraph
 
 
 @dataclass(frozen=True)

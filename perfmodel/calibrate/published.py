@@ -20,7 +20,7 @@ close to linear in the log constants (compute and transfer times scale as 1/cons
 iterations converge. Leave-one-out: for each run, the fit without it is one Gauss-Newton step
 from the full fit (the linearization is exact to the accuracy of that near-linearity), and the
 held-out run is simulated exactly at those constants: its LOO error is a prediction it did not
-inform. The LOO log residuals' RMS gives the profiles' uncertainty band (perfmodel.uncertainty).
+inform. The LOO log residuals' RMS gives the profiles' uncertainty band (perfmodel.sim.uncertainty).
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ from pathlib import Path
 
 import numpy as np
 
-from perfmodel.published import load_published, measured_tokens_per_s, resolve
 from perfmodel.specs import ClusterSpec, ModelSpec, PlanSpec, ProfileSpec, with_overrides
-from perfmodel.validate import cluster_profile
+from perfmodel.specs.published import load_published, measured_tokens_per_s, resolve
+from perfmodel.specs.validate import cluster_profile
 
 # Kernel level (what a kernel benchmark reaches), the base the production constants scale.
 # 16-bit curves: measured on an H100 80GB HBM3 (torch 2.11, cuBLAS / cuDNN; studies/h100-1gpu-compare/

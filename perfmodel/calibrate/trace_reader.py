@@ -34,8 +34,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from perfmodel.opnames import split_event_name
 from perfmodel.specs import SpecError
+from perfmodel.specs.opnames import split_event_name
 
 GEMM_OPS = frozenset({"attn.qkv", "attn.proj", "moe.router", "moe.fc1", "moe.fc2", "moe.shared",
                       "ffn.fc1", "ffn.fc2", "head.proj"})
@@ -334,7 +334,7 @@ def rank_files(trace_dir: str | Path) -> list[Path]:
 
 
 def read_meta(trace_dir: str | Path) -> dict[str, Any]:
-    from perfmodel import yamlsafe
+    from perfmodel.specs import yamlsafe
 
     p = Path(trace_dir) / "meta.yaml"
     if not p.is_file():

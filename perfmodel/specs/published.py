@@ -4,7 +4,7 @@ One YAML per run (studies/published/*.yaml, `kind: published_run`): the source (
 URL, and `group`, the id of the independent source), the model, cluster and plan exactly as
 published (assumptions listed where the source is silent), the precision, the training stack,
 and exactly one measured figure: tokens/s, step time, MFU or TFLOP/s per GPU (with the FLOP
-convention the source counted by, perfmodel.flops), or GPU-hours per trillion tokens.
+convention the source counted by, perfmodel.specs.flops), or GPU-hours per trillion tokens.
 `measured_tokens_per_s` turns each into the cluster's training tokens per second, the one unit
 calibration compares against the simulator.
 """
@@ -16,8 +16,6 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
-from perfmodel import yamlsafe
-from perfmodel.flops import FlopConvention, flops_per_token
 from perfmodel.specs import (
     ClusterSpec,
     ModelSpec,
@@ -28,7 +26,9 @@ from perfmodel.specs import (
     check_precision,
     parse_spec,
     with_overrides,
+    yamlsafe,
 )
+from perfmodel.specs.flops import FlopConvention, flops_per_token
 
 MEASURED_KINDS = ("tokens_per_s", "step_time_s", "mfu", "tflops_per_gpu", "gpu_hours_per_trillion_tokens")
 
@@ -59,7 +59,7 @@ class Measured(Strict):
         flops = given[0] in ("mfu", "tflops_per_gpu")
         if flops and self.flop_convention is None:
             raise ValueError(f"{given[0]} needs flop_convention: the FLOP count the source used "
-                             f"(megatron-lm, palm or 6n-active; see perfmodel/flops.py)")
+                             f"(megatron-lm, palm or 6n-active; see perfmodel/specs/flops.py)")
         if not flops and self.flop_convention is not None:
             raise ValueError(f"flop_convention applies to mfu/tflops_per_gpu only, not {given[0]}; remove it")
         if (given[0] == "mfu") != (self.peak_tflops is not None):
@@ -119,8 +119,8 @@ def load_published(folder: str | Path) -> list[PublishedRun]:
 
 def resolve(run: PublishedRun, base: Path | None = None) -> tuple[ModelSpec, ClusterSpec, PlanSpec]:
     """The run's model, cluster and plan; SpecError when the plan cannot be laid out on the cluster."""
-    from perfmodel.layout import plan_layout
-    from perfmodel.validate import cluster_profile, load_ref
+    from perfmodel.specs.layout import plan_layout
+    from perfmodel.specs.validate import cluster_profile, load_ref
 
     where = f"published_run {run.name}"
     model = with_overrides(load_ref(run.model, "model", where, "model", base), run.model_overrides,

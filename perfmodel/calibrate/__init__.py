@@ -14,19 +14,19 @@ Every fit is a straight line in the op's work, solved by least squares on relati
   -> `collectives["all_to_all.ep"]` etc., per collective over all groups, and the fabric's
   latency and efficiency (median latency; rate / the cluster's link bandwidth);
 * profiler cost: what torch.profiler adds per recorded event, fitted from profiled vs
-  unprofiled step times of the runs and taken out of every sample (perfmodel.calibrate_data);
+  unprofiled step times of the runs and taken out of every sample (perfmodel.calibrate.data);
 * framework overhead: step time outside every op span (Python glue, small unnamed ops), fitted
   over the runs as a part per compute-op instance (added to `launch_overhead_us`) and a part per
   step (`step_overhead_us`: data, zero_grad, the loop); on CPU it is a large share of a step.
   On GPU traces (kernel times) the host runs ahead of the device instead: `host_us_per_op` (an
   op lasts at least that long) and `step_overhead_us` are fitted on the step times
-  (perfmodel.calibrate_host);
+  (perfmodel.calibrate.host);
 * `sync_skew`: the spread of the ranks' arrival at a collective as a fraction of the work each
   did since its previous collective (ranks drift apart while they compute; the mean rank waits
-  for the last of its n peers: perfmodel.collectives.straggler_wait_s), chosen jointly with the
+  for the last of its n peers: perfmodel.sim.collectives.straggler_wait_s), chosen jointly with the
   collectives' alpha-beta fits (which are then fitted on the time without that wait);
 * `comm_compute_slowdown`: fitted on the step times of the runs that overlap communication
-  with compute (perfmodel.calibrate_overlap); kept from the base profile without such a run.
+  with compute (perfmodel.calibrate.overlap); kept from the base profile without such a run.
 
 The profile is written atomically with `calibrated_from` (the run directories) and `residuals`
 (RMS relative error and sample count of each fit); one PNG per fit goes beside it.
@@ -46,12 +46,12 @@ import yaml
 
 from perfmodel import atomic
 from perfmodel.argparse_util import parser
-from perfmodel.calibrate_data import Sample, base_profile, collect, expand_dirs, shown
-from perfmodel.calibrate_host import fit_host, host_cases
-from perfmodel.calibrate_overlap import fit_slowdown, step_cases
-from perfmodel.collectives import latency_steps, straggler_wait_s
+from perfmodel.calibrate.data import Sample, base_profile, collect, expand_dirs, shown
+from perfmodel.calibrate.host import fit_host, host_cases
+from perfmodel.calibrate.overlap import fit_slowdown, step_cases
+from perfmodel.calibrate.trace_reader import read_run
+from perfmodel.sim.collectives import latency_steps, straggler_wait_s
 from perfmodel.specs import ProfileSpec, SpecError, parse_spec
-from perfmodel.trace_reader import read_run
 
 CURVES = {"gemm": "gemm_efficiency", "grouped_gemm": "grouped_gemm_efficiency", "attention": "attention_efficiency"}
 
@@ -91,7 +91,7 @@ def linfit(w: np.ndarray, t: np.ndarray, intercept: float | None = None,
 
 
 def hops(s: Sample, exponent: float = 1.0) -> float:
-    """Latency steps of the sample's collective (perfmodel.collectives.latency_steps)."""
+    """Latency steps of the sample's collective (perfmodel.sim.collectives.latency_steps)."""
     return latency_steps(s.collective or "", s.group_size, exponent)
 
 
@@ -129,7 +129,7 @@ def _wait(s: Sample, skew: float) -> float:
 
 
 def _less_wait(s: Sample, skew: float) -> Sample:
-    """The sample without its straggler wait (perfmodel.collectives.straggler_wait_s)."""
+    """The sample without its straggler wait (perfmodel.sim.collectives.straggler_wait_s)."""
     return replace(s, seconds=max(s.seconds - _wait(s, skew), 0.05 * s.seconds))
 
 
@@ -241,7 +241,7 @@ def fit_profile(samples: list[Sample], base: ProfileSpec, sources: list[str], li
     d["launch_overhead_us"] = _sig((launch_s + overhead_s) * 1e6)
     d["step_overhead_us"] = _sig(step_overhead_s * 1e6)
     resid["framework_overhead_us"] = _sig(overhead_s * 1e6, 4)
-    # taken out of the samples (perfmodel.calibrate_data); kept so per-op comparisons can do the same
+    # taken out of the samples (perfmodel.calibrate.data); kept so per-op comparisons can do the same
     resid["profiler_us_per_event"] = _sig(profiler_us_per_event, 4)
     # compute curves: the main dtype sets max/half_work, other dtypes their peak
     peaks = dict(d["peak_tflops"])
@@ -346,7 +346,7 @@ def calibrate(run_dirs: list[str | Path], out: str | Path, base: str | None = No
     dirs = expand_dirs([str(d) for d in run_dirs])
     prof, bw = base_profile(dirs[0], base)
     samples, over, per_event_us = collect(dirs)
-    hosts = host_cases(dirs)  # GPU traces: the host runs ahead of the device (perfmodel.calibrate_host)
+    hosts = host_cases(dirs)  # GPU traces: the host runs ahead of the device (perfmodel.calibrate.host)
     if hosts:
         per_op, (host_s, per_step, host_err) = 0.0, fit_host(hosts)
     else:
@@ -372,7 +372,7 @@ def calibrate(run_dirs: list[str | Path], out: str | Path, base: str | None = No
 
 def main(argv: list[str]) -> int:
     if any(a == "--published" or a.startswith("--published=") for a in argv):
-        from perfmodel.calibrate_published_cli import main as main_published
+        from perfmodel.calibrate.published_cli import main as main_published
 
         return main_published(argv)
     ap = parser("calibrate", "fit a hardware profile (efficiency curves, launch cost, collective alpha/beta, "

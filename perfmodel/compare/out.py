@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from perfmodel import atomic
+from perfmodel.sim.uncertainty import NO_BAND, fmt_tokens
 from perfmodel.specs import UncertaintySpec
-from perfmodel.uncertainty import NO_BAND, fmt_tokens
 
 
 def kendall_tau(a: list[float], b: list[float]) -> float:

@@ -1,12 +1,12 @@
 """The reference fabric: the cluster as a networkx graph (GPUs, NVSwitch, NICs, rail-optimized leaf/spine).
 
-perfmodel.topology computes the same links (same ids, capacities, latencies, classes) and routes in
+perfmodel.sim.topology computes the same links (same ids, capacities, latencies, classes) and routes in
 closed form from a GPU's index; this graph is the general construction it is tested against
 (tests/perfmodel/test_topology_symmetry.py) and what `Topology.graph` shows for inspection.
 
 Nodes:  gpu<r>, nvs<d> (the NVSwitch of NVLink domain d), nic<n>.<i> (only when a node
         has fewer NICs than GPUs), leaf<rail>.<k>, spine. Edges carry the link id; link classes,
-        routes and tiers as perfmodel.topology documents them.
+        routes and tiers as perfmodel.sim.topology documents them.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 
 import networkx as nx
 
+from perfmodel.sim.topology import FabricParams, UNLIMITED_Bps, fabric_of
 from perfmodel.specs import ClusterSpec, ProfileSpec
-from perfmodel.topology import FabricParams, UNLIMITED_Bps, fabric_of
 
 
 @dataclass(eq=False)  # hashed by identity: collective costs are cached per topology object

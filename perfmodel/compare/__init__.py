@@ -32,10 +32,11 @@ import yaml
 from perfmodel import atomic
 from perfmodel.argparse_util import parser
 from perfmodel.calibrate import calibrate, profile_yaml
-from perfmodel.calibrate_data import measured_step_s, on_world, stage_ops
-from perfmodel.compare_out import kendall_tau, write_outputs
-from perfmodel.layout import plan_layout
-from perfmodel.opgraph import OpGraph
+from perfmodel.calibrate.data import measured_step_s, on_world, stage_ops
+from perfmodel.calibrate.trace_reader import RankTrace, read_meta, read_run
+from perfmodel.compare.out import kendall_tau, write_outputs
+from perfmodel.sim.opgraph import OpGraph
+from perfmodel.sim.uncertainty import band_fields, block, describe, from_residuals
 from perfmodel.specs import (
     ClusterSpec,
     ModelSpec,
@@ -46,10 +47,9 @@ from perfmodel.specs import (
     UncertaintySpec,
     load_spec,
 )
-from perfmodel.trace_reader import RankTrace, read_meta, read_run
-from perfmodel.uncertainty import band_fields, block, describe, from_residuals
+from perfmodel.specs.layout import plan_layout
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def study_specs(study: StudySpec) -> tuple[ModelSpec, ClusterSpec, int]:

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from perfmodel.search import BREAKDOWN_KEYS, Row, SearchResult
+from perfmodel.sim.uncertainty import NO_BAND, describe, fmt_conf, fmt_pct, fmt_tokens, tie_set
 from perfmodel.specs import UncertaintySpec
-from perfmodel.uncertainty import NO_BAND, describe, fmt_conf, fmt_pct, fmt_tokens, tie_set
 
 LABELS = {"compute_s": "compute", "exposed_comm_s": "exposed comm", "bubble_s": "pipeline bubble",
           "grad_sync_s": "grad sync (exposed)", "optimizer_s": "optimizer", "other_s": "other"}

@@ -4,7 +4,7 @@ Combinations that differ only in a field with no effect are merged into one cand
 (chunks without intra-op overlap; dispatch/combine precision and the dispatcher without expert parallelism; the FP8
 recipe of a bf16 plan; a schedule that does not fit the vpp). Where pp*vpp does not divide the
 model's layers, every distinct pipeline layout of the balanced split is a candidate (the
-embedding and/or the loss counted as a layer on the first/last stage: perfmodel.pplayout);
+embedding and/or the loss counted as a layer on the first/last stage: perfmodel.specs.pplayout);
 a combination that is not a plan at all (vpp>1 without pp>1, a rank_order that is not a
 permutation) becomes a reason string so the search can report it as invalid.
 """
@@ -65,7 +65,7 @@ def layouts_for(layers: int | None, pp: int, vpp: int) -> list[PipelineLayoutSpe
     """None (the even split) where pp*vpp divides the layers; else each distinct balanced layout."""
     if layers is None or pp == 1 or layers % (pp * vpp) == 0:
         return [None]
-    from perfmodel.pplayout import default_split
+    from perfmodel.specs.pplayout import default_split
 
     out: dict[tuple[int, ...], PipelineLayoutSpec] = {}
     for emb, loss in ((False, False), (True, False), (False, True), (True, True)):

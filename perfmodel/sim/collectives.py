@@ -38,7 +38,7 @@ import numpy as np
 import simpy
 
 from perfmodel.sim.fluid import FluidNet, batch_finish_s
-from perfmodel.topology import LINK_CLASSES, Topology
+from perfmodel.sim.topology import LINK_CLASSES, Topology
 
 MAX_FLUID_FLOWS = 4096  # above this, a phase's time is its most loaded link (exact when flows end together)
 SMALL_PHASE_FLOWS = 128  # up to this many flows a phase is priced flow by flow (array set-up costs more)
