@@ -19,6 +19,7 @@ import os
 import queue
 import re
 import socket
+import sys
 from collections.abc import Callable, Hashable
 from typing import Any
 
@@ -182,6 +183,30 @@ def _check_reachable(address: str | None, timeout_s: float = 5.0) -> None:
             pass
 
 
+def _route_ray_errors() -> None:
+    """Ray's driver prints the cluster's system errors (a worker died, ...) on stdout, where they
+    would break --json, whatever log_to_driver says: say each as one line on stderr instead. A
+    lost batch is retried, so this is a warning. (Ray has no switch for it: the hook is its
+    module-level printer, looked up per message; left alone if Ray renames it.)"""
+    try:
+        from ray._private import worker as ray_worker
+    except ImportError:
+        return
+    orig = getattr(ray_worker, "print_to_stdstream", None)
+    if orig is None or getattr(orig, "moeperf", False):
+        return
+
+    def route(data: dict, ignore_prefix: bool) -> None:
+        if data.get("pid") != "raylet":
+            return orig(data, ignore_prefix)
+        for line in data.get("lines", []):
+            first = " ".join(str(line).split()).split(". ")[0]
+            print(f"moeperf search: warning: Ray: {first[:200]}", file=sys.stderr, flush=True)
+
+    route.moeperf = True  # type: ignore[attr-defined]
+    ray_worker.print_to_stdstream = route
+
+
 class RayExecutor(Executor):
     """Batches of plans as Ray tasks on a cluster: `address` connects to a running one (`ray
     start --head` or ADDR=auto); without it a local Ray instance with `num_cpus` CPUs is started
@@ -207,6 +232,7 @@ class RayExecutor(Executor):
                 where = f"the Ray cluster at {address}" if address else "a local Ray instance"
                 raise ExecutorError(f"cannot start or reach {where}: {type(exc).__name__}: "
                                     f"{' '.join(str(exc).split())[:300]}") from None
+        _route_ray_errors()
         self.parallelism = max(1, int(ray.available_resources().get("CPU", 0)
                                       or ray.cluster_resources().get("CPU", 1)))
         self.shared = [ray.put((parts, fn))]
