@@ -30,7 +30,9 @@ Outcome = tuple[int, str, Any]  # (row index, "ok" | "error", summary dict | one
 SimulateFn = Callable[..., Any]
 EXECUTORS = ("local", "ray")
 RAY_MAX_RETRIES = 3  # a batch whose worker died is run again, up to this many times
-RAY_MIN_BATCH = 8  # plans per Ray task at least: a task's scheduling and argument fetch cost ~ms
+# plans per batch at least: a Ray task's scheduling and argument fetch cost ~ms, and consecutive
+# plans (in lower-bound order) share the simulator's cached layer runs within one process
+MIN_BATCH = 8
 
 
 class ExecutorError(RuntimeError):
@@ -116,7 +118,7 @@ class PoolExecutor(Executor):
         self.in_flight = 0
 
     def submit(self, tag: Hashable, tasks: list[Task]) -> None:
-        for b in split(tasks, self.parallelism * 3, 1):
+        for b in split(tasks, self.parallelism, MIN_BATCH):
             self.in_flight += 1
             self.pool.apply_async(_pool_batch, (b,), callback=lambda r, t=tag: self.finished.put((t, r)),
                                   error_callback=lambda e, t=tag: self.finished.put((t, e)))
@@ -240,7 +242,7 @@ class RayExecutor(Executor):
         self.pending: dict[Any, Hashable] = {}  # ObjectRef -> tag
 
     def submit(self, tag: Hashable, tasks: list[Task]) -> None:
-        for b in split(tasks, self.parallelism, RAY_MIN_BATCH):
+        for b in split(tasks, self.parallelism, MIN_BATCH):
             self.pending[self.remote.remote(self.shared, b)] = tag
 
     def wait(self) -> list[tuple[Hashable, list[Outcome]]]:
