@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
 
         import ray
 
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         t0 = time.perf_counter()
         if args.address:
             ray.init(address=args.address, log_to_driver=False, logging_level=logging.ERROR)
