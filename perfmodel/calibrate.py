@@ -303,6 +303,9 @@ def fit_profile(samples: list[Sample], base: ProfileSpec, sources: list[str], li
         bw = link_bw_GBps or rate / 1e9
         d["fabrics"] = {**d["fabrics"], fabric: {
             "latency_us": _sig(lat * 1e6), "efficiency": _sig(float(np.clip(rate / (bw * 1e9), 1e-4, 1.0)))}}
+    # the base's error band belongs to the base's constants, not to this fit: a fit has none until
+    # its own out-of-sample residuals are known (moeperf compare adds its held-out band)
+    d.update(uncertainty=None)
     d.update(name=f"{base.name}-calibrated", source=f"calibrated by moeperf calibrate from {len(sources)} run(s)",
              calibrated_from=list(sources), residuals=dict(sorted(resid.items())))
     return parse_spec(d, "profile", "calibrated profile"), fits
@@ -368,6 +371,10 @@ def calibrate(run_dirs: list[str | Path], out: str | Path, base: str | None = No
 
 
 def main(argv: list[str]) -> int:
+    if any(a == "--published" or a.startswith("--published=") for a in argv):
+        from perfmodel.calibrate_published_cli import main as main_published
+
+        return main_published(argv)
     ap = parser("calibrate", "fit a hardware profile (efficiency curves, launch cost, collective alpha/beta, "
                 "comm/compute interference) from recorded traces")
     ap.add_argument("trace_dirs", nargs="+", metavar="TRACE_DIR", help="traces/<run-id> folders (or a folder of them)")

@@ -15,6 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "presets": ("perfmodel.validate", "list the built-in presets"),
     "simulate": ("perfmodel.sim.command", "simulate one training iteration of a plan (or a study's fixed plans)"),
     "search": ("perfmodel.search_cli", "search a study's plan space and write a ranked report"),
+    "data": ("runtime.data_prepare", "tokenize text for `run --data` (data prepare)"),
     "run": ("runtime.launch", "run a plan as real distributed training (torchrun)"),
     "calibrate": ("perfmodel.calibrate", "fit a hardware profile from recorded traces"),
     "compare": ("perfmodel.compare", "run/read a study's plans and compare predicted vs measured"),

@@ -9,6 +9,9 @@ for send_recv. Algorithms (as NCCL picks them for these shapes):
                 nodes on B/l per rail (l rings in parallel), all-gather over NVLink
   pairwise a2a  every rank sends B/n to each peer at once (intra- and inter-node flows);
                 flows to/from the representative (hottest) rank scale by the imbalance
+  deepep a2a    the deepep dispatcher (DeepEP; DeepSeek-V3 s.3.2.2): a token crosses the network
+                once per destination node, to the GPU of the same local index, which forwards
+                its copies over NVLink; both stages run at once (one phase)
   send_recv     one flow
 
 Cost: in the fluid model every flow scales with B, so a collective costs
@@ -17,6 +20,12 @@ B = 1 and are cached. Other groups of the same kind run at the same time: on eac
 representative group gets the share b / max(b, load) of its capacity, where load is the mean
 load that all n_groups concurrent groups put on the links of that class (by symmetry,
 n_groups x the representative's load on the class / the class's link count).
+
+Scale: phases are arrays of flows (a 100k-GPU group's gradient sync has ~10^5); a phase of
+many flows is priced on arrays (routes from Topology.routes_array, loads by bincount, the fluid
+run in fluid.batch_finish_s) with every sum in the per-flow order, so both paths give the same
+bits; and a group is priced once per shape: its translate by whole fabric blocks on identical
+full leaves costs the same (_canonical).
 """
 
 from __future__ import annotations
@@ -28,10 +37,11 @@ from functools import cache
 import numpy as np
 import simpy
 
-from perfmodel.sim.fluid import FluidNet
-from perfmodel.topology import Topology
+from perfmodel.sim.fluid import FluidNet, batch_finish_s
+from perfmodel.topology import LINK_CLASSES, Topology
 
 MAX_FLUID_FLOWS = 4096  # above this, a phase's time is its most loaded link (exact when flows end together)
+SMALL_PHASE_FLOWS = 128  # up to this many flows a phase is priced flow by flow (array set-up costs more)
 
 
 @dataclass(frozen=True)
@@ -41,10 +51,17 @@ class Flow:
     bytes: float  # per byte of payload
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Phase:
-    flows: tuple[Flow, ...]
+    """Flows that start together, as arrays (a 100k-GPU group's phase has ~10^5 flows)."""
+    src: np.ndarray
+    dst: np.ndarray
+    bytes: np.ndarray  # per byte of payload
     steps: int  # latency steps (ring hops in sequence)
+
+    @property
+    def flows(self) -> tuple[Flow, ...]:
+        return tuple(Flow(a, b, x) for a, b, x in zip(self.src.tolist(), self.dst.tolist(), self.bytes.tolist(), strict=True))
 
 
 @dataclass(frozen=True)
@@ -58,50 +75,86 @@ class CollectiveCost:
         return self.latency_s + payload_bytes * self.s_per_byte if payload_bytes > 0 else 0.0
 
 
-def _ring(ranks: tuple[int, ...], frac: float, steps: int) -> Phase:
-    n = len(ranks)
-    return Phase(tuple(Flow(ranks[i], ranks[(i + 1) % n], frac) for i in range(n)), steps)
+def _rings(rings: np.ndarray, frac: float, steps: int) -> Phase:
+    """Rings (one per row) in parallel: each rank sends `frac` to its successor."""
+    src = rings.ravel()
+    return Phase(src, np.roll(rings, -1, axis=1).ravel(), np.full(src.size, frac), steps)
 
 
-def _by_node(topo: Topology, group: tuple[int, ...]) -> list[list[int]]:
-    nodes: dict[int, list[int]] = {}
-    for r in group:
-        nodes.setdefault(r // topo.domain_gpus, []).append(r)
-    return [nodes[k] for k in sorted(nodes)]
+def distinct_nodes_per_token(top_k: int, nodes: int, expert_groups: int = 1, groups_per_token: int = 0) -> float:
+    """Expected number of nodes a token's top_k experts sit on, the experts spread evenly over `nodes`
+    and picked independently among the eligible nodes: all of them, or under group-limited routing
+    the nodes of the token's `groups_per_token` groups (a group spans nodes/expert_groups nodes when
+    there are fewer groups than nodes, else one). M eligible nodes: M (1 - (1 - 1/M)^top_k)."""
+    eligible = float(nodes)
+    if groups_per_token:
+        eligible = min(eligible, groups_per_token * max(1.0, nodes / expert_groups))
+    return eligible * (1.0 - (1.0 - 1.0 / eligible) ** top_k)
 
 
-def expand(collective: str, group: tuple[int, ...], topo: Topology, imbalance: float = 1.0) -> tuple[str, list[Phase]]:
-    """(algorithm name, phases of flows per byte of payload) for the group's collective."""
+def _deepep(intra: np.ndarray, imbalance: float, routing: tuple[int, int, int]) -> Phase:
+    """Flows per byte of payload (top_k copies per token) of the deepep dispatch (or combine): each
+    rank sends a token once to the same-local-index GPU of every other destination node (the
+    expected remote nodes per token / top_k of the payload, split over the K-1 remote nodes), and
+    each GPU forwards what its node must spread over NVLink ((l-1)/l of its B, 1/l to each peer).
+    `intra`: the group's ranks, one row per node."""
+    top_k, groups, per_token = routing
+    k, l = intra.shape
+    remote = distinct_nodes_per_token(top_k, k, groups, per_token) * (k - 1) / k
+    per_node = remote / top_k / (k - 1)
+    nodes = intra.tolist()
+    rep = nodes[0][0]
+    src, dst, frac = [], [], []
+    for i, node in enumerate(nodes):
+        for j, a in enumerate(node):
+            for i2, other in enumerate(nodes):
+                if i2 != i:
+                    b = other[j]
+                    src.append(a), dst.append(b), frac.append(per_node * (imbalance if rep in (a, b) else 1.0))
+            for b in node:
+                if b != a:
+                    src.append(a), dst.append(b), frac.append((imbalance if rep in (a, b) else 1.0) / l)
+    return Phase(np.array(src, dtype=np.int64), np.array(dst, dtype=np.int64), np.array(frac), 1)
+
+
+def expand(collective: str, group: tuple[int, ...], topo: Topology, imbalance: float = 1.0,
+           routing: tuple[int, int, int] | None = None) -> tuple[str, list[Phase]]:
+    """(algorithm name, phases of flows per byte of payload) for the group's collective. `routing`
+    (all_to_all only): the deepep dispatcher's (top_k, expert_groups, groups_per_token)."""
     n = len(group)
+    g = np.asarray(group, dtype=np.int64)
     if collective == "send_recv":
-        return "p2p", [Phase((Flow(group[0], group[-1], 1.0),), 1)] if n > 1 else []
+        return "p2p", [Phase(g[:1], g[-1:], np.ones(1), 1)] if n > 1 else []
     if n <= 1:
         return "none", []
+    dom = g // topo.domain_gpus
+    order = np.argsort(dom, kind="stable")  # by NVLink domain, the group's order inside one
+    _, per = np.unique(dom, return_counts=True)
+    k, l = len(per), int(per[0])
+    even = bool((per == l).all())
     if collective == "all_to_all":
-        rep = group[0]
-        flows = tuple(Flow(a, b, (imbalance if rep in (a, b) else 1.0) / n) for a in group for b in group if a != b)
-        return "pairwise", [Phase(flows, 1)]
-    nodes = _by_node(topo, group)
-    k, l = len(nodes), len(nodes[0])
-    hier = k > 1 and l > 1 and all(len(x) == l for x in nodes)
+        if routing is not None and k > 1 and l > 1 and even:
+            return "deepep", [_deepep(g[order].reshape(k, l), imbalance, routing)]
+        a, b = np.repeat(g, n), np.tile(g, n)
+        off = a != b
+        a, b = a[off], b[off]
+        hot = (a == g[0]) | (b == g[0])  # flows to/from the representative rank scale by the imbalance
+        return "pairwise", [Phase(a, b, np.where(hot, imbalance, 1.0) / n, 1)]
+    hier = k > 1 and l > 1 and even
     if not hier:
         f = (n - 1) / n
         if collective == "all_reduce":
-            return "ring", [_ring(group, 2 * f, 2 * (n - 1))]
-        return "ring", [_ring(group, f, n - 1)]
+            return "ring", [_rings(g[None, :], 2 * f, 2 * (n - 1))]
+        return "ring", [_rings(g[None, :], f, n - 1)]
     fl, fk = (l - 1) / l, (k - 1) / k
-    intra = [tuple(x) for x in nodes]
-    rails = [tuple(x[i] for x in nodes) for i in range(l)]
-
-    def par(rings: list[tuple[int, ...]], frac: float, steps: int) -> Phase:
-        return Phase(tuple(f for r in rings for f in _ring(r, frac, steps).flows), steps)
-
-    rs_in, ag_in = par(intra, fl, l - 1), par(intra, fl, l - 1)
+    intra = g[order].reshape(k, l)
+    rails = intra.T.copy()
+    rs_in, ag_in = _rings(intra, fl, l - 1), _rings(intra, fl, l - 1)
     if collective == "reduce_scatter":
-        return "hierarchical", [rs_in, par(rails, fk / l, k - 1)]
+        return "hierarchical", [rs_in, _rings(rails, fk / l, k - 1)]
     if collective == "all_gather":
-        return "hierarchical", [par(rails, fk / l, k - 1), ag_in]
-    return "hierarchical", [rs_in, par(rails, 2 * fk / l, 2 * (k - 1)), ag_in]
+        return "hierarchical", [_rings(rails, fk / l, k - 1), ag_in]
+    return "hierarchical", [rs_in, _rings(rails, 2 * fk / l, 2 * (k - 1)), ag_in]
 
 
 def _coarse(cls: str) -> str:
@@ -109,7 +162,15 @@ def _coarse(cls: str) -> str:
 
 
 def _phase_time(phase: Phase, topo: Topology, n_groups: int) -> tuple[float, float, str]:
-    """(latency_s, s_per_byte, bounding class) of one phase of the representative group."""
+    """(latency_s, s_per_byte, bounding class) of one phase of the representative group: flow by
+    flow for a few flows, on arrays for many; the two agree bit for bit (test_topology_symmetry)."""
+    if len(phase.src) <= SMALL_PHASE_FLOWS:
+        return _phase_time_per_flow(phase, topo, n_groups)
+    return _phase_time_arrays(phase, topo, n_groups)
+
+
+def _phase_time_per_flow(phase: Phase, topo: Topology, n_groups: int) -> tuple[float, float, str]:
+    """Each flow routed, loads summed link by link; the fluid run in FluidNet."""
     routes = [(f, topo.route(f.src, f.dst)) for f in phase.flows]
     routes = [(f, r) for f, r in routes if r]
     if not routes:
@@ -139,7 +200,57 @@ def _phase_time(phase: Phase, topo: Topology, n_groups: int) -> tuple[float, flo
     return lat, t, _coarse(topo.cls[bott])
 
 
+def _phase_time_arrays(phase: Phase, topo: Topology, n_groups: int) -> tuple[float, float, str]:
+    """Vectorized over flows; every sum runs in the order the per-flow loop takes (flows in order,
+    a route's hops in order, links in order of first use), so the figures are the same."""
+    routes = topo.routes_array(phase.src, phase.dst)
+    used = (routes >= 0).any(axis=1)
+    if not used.any():
+        return 0.0, 0.0, "none"
+    routes, fbytes = routes[used], phase.bytes[used]
+    flat = routes.ravel()
+    hop = flat >= 0
+    weights = np.repeat(fbytes, routes.shape[1])[hop]
+    flat = flat[hop]
+    links, first = np.unique(flat, return_index=True)  # sorted ids
+    dense = np.zeros(int(links[-1]) + 1, dtype=np.int64)
+    dense[links] = np.arange(links.size)  # link id -> its position in `links`
+    load = np.bincount(dense[flat], weights=weights, minlength=links.size)  # per link, in flow order
+    cap0, lat, code = topo.link_arrays(links)
+    cap = cap0.copy()
+    seen = np.argsort(first, kind="stable")  # links in order of first use
+    for c in np.unique(code):
+        mine = seen[code[seen] == c]
+        class_load = float(np.cumsum(load[mine])[-1])  # sequential, in order of first use
+        mean = n_groups * class_load / topo.links_of_class[LINK_CLASSES[c]]
+        over = mine[mean > load[mine]]
+        cap[over] = cap0[over] * np.minimum(1.0, load[over] / mean)
+    ratio = load / cap
+    top = ratio.max()
+    b = int(np.flatnonzero(ratio == top)[0])  # ties: the lowest link id
+    if len(routes) > MAX_FLUID_FLOWS:
+        t = float(load[b] / cap[b])
+    else:  # the fluid run (FluidNet's rule on arrays: batch_finish_s)
+        t = batch_finish_s(cap, np.where(routes >= 0, dense[np.maximum(routes, 0)], -1), fbytes)
+    hop_lat = np.where(routes >= 0, lat[dense[np.maximum(routes, 0)]], 0.0)
+    route_lat = hop_lat[:, 0].copy()
+    for h in range(1, routes.shape[1]):  # a route's hops in order, as route_latency_s sums them
+        route_lat += hop_lat[:, h]
+    return phase.steps * float(route_lat.max()), t, _coarse(LINK_CLASSES[code[b]])
+
+
 _CACHE: dict[tuple, CollectiveCost] = {}
+
+
+def _canonical(topo: Topology, group: tuple[int, ...]) -> tuple[int, ...]:
+    """The group moved down by whole fabric blocks (Topology.translation_gpus): a translate of a
+    group on identical full leaves crosses the same link classes with the same capacities, flow
+    for flow, so it costs the same (bit for bit): one pricing per shape, not per placement."""
+    block = topo.translation_gpus
+    lo = min(group) // block * block if group else 0
+    if lo == 0 or max(group) >= topo.full_leaf_gpus:
+        return group
+    return tuple(r - lo for r in group)
 
 
 def latency_steps(collective: str, n: int, exponent: float = 1.0) -> float:
@@ -173,12 +284,17 @@ def straggler_wait_s(skew: float, interval_s: float, n: int) -> float:
 
 
 def collective_cost(topo: Topology, collective: str, group: tuple[int, ...], imbalance: float = 1.0,
-                    n_groups: int = 1) -> CollectiveCost:
+                    n_groups: int = 1, routing: tuple[int, int, int] | None = None) -> CollectiveCost:
     """Cost of the collective for `group` while `n_groups` groups of its kind run concurrently (cached)."""
-    key = (topo, collective, group, imbalance, n_groups)
+    key = (topo, collective, group, imbalance, n_groups, routing)
     cost = _CACHE.get(key)
+    if cost is not None:
+        return cost
+    shape = _canonical(topo, group)
+    canon = (topo, collective, shape, imbalance, n_groups, routing)
+    cost = _CACHE.get(canon) if shape is not group else None
     if cost is None:
-        algo, phases = expand(collective, group, topo, imbalance)
+        algo, phases = expand(collective, shape, topo, imbalance, routing)
         lat = spb = 0.0
         worst, cls = -1.0, "none"
         for ph in phases:
@@ -186,12 +302,13 @@ def collective_cost(topo: Topology, collective: str, group: tuple[int, ...], imb
             lat, spb = lat + pl, spb + pt
             if pt > worst:
                 worst, cls = pt, pc
-        if len(_CACHE) > 100_000:
-            _CACHE.clear()
-        cost = _CACHE[key] = CollectiveCost(lat, spb, cls, algo)
+        cost = CollectiveCost(lat, spb, cls, algo)
+    if len(_CACHE) > 100_000:
+        _CACHE.clear()
+    _CACHE[key] = _CACHE[canon] = cost
     return cost
 
 
 def bytes_sent(phases: list[Phase], rank: int) -> float:
     """Bytes (per byte of payload) that `rank` sends over all phases."""
-    return sum(f.bytes for ph in phases for f in ph.flows if f.src == rank)
+    return float(sum(ph.bytes[ph.src == rank].sum() for ph in phases))

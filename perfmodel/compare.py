@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -30,13 +31,23 @@ import yaml
 
 from perfmodel import atomic
 from perfmodel.argparse_util import parser
-from perfmodel.calibrate import calibrate
+from perfmodel.calibrate import calibrate, profile_yaml
 from perfmodel.calibrate_data import measured_step_s, on_world, stage_ops
 from perfmodel.compare_out import kendall_tau, write_outputs
 from perfmodel.layout import plan_layout
 from perfmodel.opgraph import OpGraph
-from perfmodel.specs import ClusterSpec, ModelSpec, NamedPlan, PlanSpec, SpecError, StudySpec, load_spec
+from perfmodel.specs import (
+    ClusterSpec,
+    ModelSpec,
+    NamedPlan,
+    PlanSpec,
+    SpecError,
+    StudySpec,
+    UncertaintySpec,
+    load_spec,
+)
 from perfmodel.trace_reader import RankTrace, read_meta, read_run
+from perfmodel.uncertainty import band_fields, block, describe, from_residuals
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -94,6 +105,18 @@ def _differences(recorded: Any, expected: dict[str, Any]) -> list[str]:
                   or k not in recorded and expected.get(k) != _DEFAULTS.get(k, object()))
 
 
+def _filled(recorded: Any, cls: type[ModelSpec] | type[PlanSpec]) -> Any:
+    """A recorded model or plan with the fields added since it was recorded (nested ones too, e.g.
+    moe.expert_groups) at their defaults, which is what the run used; as recorded if it does not
+    validate (then every differing key is named)."""
+    if not isinstance(recorded, dict):
+        return recorded
+    try:
+        return cls.model_validate(recorded).model_dump(mode="json")
+    except ValueError:  # pydantic's ValidationError is a ValueError
+        return recorded
+
+
 def check_recorded(run_dir: Path, model: ModelSpec, plan: NamedPlan, world: int) -> None:
     """Refuse traces recorded from another model, plan or world size than the study's (naming what differs)."""
     meta = read_meta(run_dir)
@@ -101,7 +124,8 @@ def check_recorded(run_dir: Path, model: ModelSpec, plan: NamedPlan, world: int)
     got_plan = meta.get("plan")
     if isinstance(got_plan, dict):
         got_plan = {k: v for k, v in got_plan.items() if k != "calibrate"}
-    for what, got, want in (("model", meta.get("model"), model.model_dump(mode="json")), ("plan", got_plan, want_plan)):
+    for what, got, want in (("model", _filled(meta.get("model"), ModelSpec), model.model_dump(mode="json")),
+                            ("plan", _filled(got_plan, PlanSpec), want_plan)):
         diff = _differences(got, want)
         if diff:
             raise SpecError(f"{run_dir}/meta.yaml: recorded with a different {what} than the study's "
@@ -200,7 +224,9 @@ def compare(study_path: str, out: Path | None = None, traces_root: Path | None =
         sim = simulate(model, cluster, executed, profile, trace=p.name == pick)
         err = 100.0 * (sim.step_time_s - measured) / measured if measured > 0 else float("nan")
         rows.append({"plan": p.name, "held_out": not p.calibrate, "predicted_s": sim.step_time_s,
-                     "measured_s": measured, "error_pct": err, "repeats": len(reads), "measured_spread_pct": spread})
+                     "measured_s": measured, "error_pct": err, "repeats": len(reads), "measured_spread_pct": spread,
+                     "predicted_tokens_per_s": sim.tokens_per_s,
+                     "measured_tokens_per_s": sim.tokens_per_s * sim.step_time_s / measured if measured > 0 else 0.0})
         pred_ops = sim.details.get("layer_ops", {}) or {}
         cost = profile.residuals.get("profiler_us_per_event", 0.0)
         ops = _mean_ops([measured_ops(model, p, world, traces, cost) for _meta, traces in reads])
@@ -215,6 +241,14 @@ def compare(study_path: str, out: Path | None = None, traces_root: Path | None =
         log(f"  {p.name:<18} predicted {sim.step_time_s * 1e3:8.1f} ms  measured {measured * 1e3:8.1f} ms  "
             f"error {err:+6.1f} %{'' if p.calibrate else '  (held out)'}"
             f"{f'  (spread of {len(reads)} runs {spread:.1f} %)' if len(reads) > 1 else ''}")
+    # the calibrated profile's own error band, from its out-of-sample (held-out) residuals
+    unc, band_note = held_out_band(rows, study.name)
+    if unc is not None:
+        profile = profile.model_copy(update={"uncertainty": unc})
+        atomic.write_text(out / "profile.yaml", profile_yaml(profile))
+    for r in rows:
+        r.update(band_fields(r["predicted_tokens_per_s"], unc))
+    log(f"  {band_note}")
     held = [r for r in rows if r["held_out"]]
     errs = [abs(r["error_pct"]) for r in held]
     summary = {
@@ -228,9 +262,23 @@ def compare(study_path: str, out: Path | None = None, traces_root: Path | None =
         "kendall_tau": kendall_tau([r["predicted_s"] for r in held], [r["measured_s"] for r in held]),
         "kendall_tau_all": kendall_tau([r["predicted_s"] for r in rows], [r["measured_s"] for r in rows]),
         "bars": {"median_error_pct": 10.0, "max_error_pct": 20.0, "kendall_tau": 0.8},
+        "uncertainty": block(unc), "band": band_note,
     }
     write_outputs(out, rows, op_rows, summary, timelines)
     return summary
+
+
+def held_out_band(rows: list[dict[str, Any]], study_name: str) -> tuple[UncertaintySpec | None, str]:
+    """The band of a profile calibrated by `compare`, from its held-out plans' log residuals
+    ln(predicted / measured tokens/s) = ln(measured / predicted step time), and one line on it
+    (why there is none: fewer than 2 held-out plans measured)."""
+    res = [math.log(r["measured_s"] / r["predicted_s"]) for r in rows
+           if r["held_out"] and r["measured_s"] > 0 and r["predicted_s"] > 0]
+    unc = from_residuals(res, f"held-out plans of moeperf compare {study_name}")
+    if unc is None:
+        return None, (f"no error band: {len(res)} held-out plan(s) measured, a band needs >= 2 held-out "
+                      "residuals (mark fewer plans calibrate: true)")
+    return unc, describe(unc)
 
 
 def main(argv: list[str]) -> int:
@@ -263,4 +311,5 @@ def main(argv: list[str]) -> int:
     else:
         print(f"held-out step-time error: median {summary['median_error_pct']:.1f} %, max "
               f"{summary['max_error_pct']:.1f} %; Kendall tau {summary['kendall_tau']:.2f}")
+        print(f"profile tokens/s: {summary['band']}")
     return 0

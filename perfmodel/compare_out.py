@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from perfmodel import atomic
+from perfmodel.specs import UncertaintySpec
+from perfmodel.uncertainty import NO_BAND, fmt_tokens
 
 
 def kendall_tau(a: list[float], b: list[float]) -> float:
@@ -130,11 +132,18 @@ def report_md(rows: list[dict[str, Any]], op_rows: list[dict[str, Any]], summary
              f"Measured: median step time over {summary.get('repeats', 1)} run(s) per plan (unprofiled steps); "
              f"spread = (slowest - fastest run) / median, median over plans "
              f"{summary.get('measured_spread_pct_median', 0.0):.1f} %.", "",
-             "| plan | held out | predicted (ms) | measured (ms) | spread % | error % |",
-             "| --- | --- | --- | --- | --- | --- |"]
+             f"Band of the calibrated profile (written into it as `uncertainty`): {summary.get('band') or NO_BAND}.",
+             "",
+             "| plan | held out | predicted (ms) | measured (ms) | spread % | error % | predicted tokens/s | "
+             "measured tokens/s |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    unc = UncertaintySpec.model_validate({k: v for k, v in summary["uncertainty"].items()
+                                          if k in UncertaintySpec.model_fields}) if summary.get("uncertainty") else None
     for r in rows:
+        pred, meas = r.get("predicted_tokens_per_s"), r.get("measured_tokens_per_s")
         lines.append(f"| {r['plan']} | {'yes' if r['held_out'] else 'no'} | {r['predicted_s'] * 1e3:.1f} | "
-                     f"{r['measured_s'] * 1e3:.1f} | {r.get('measured_spread_pct', 0.0):.1f} | {r['error_pct']:+.1f} |")
+                     f"{r['measured_s'] * 1e3:.1f} | {r.get('measured_spread_pct', 0.0):.1f} | {r['error_pct']:+.1f} | "
+                     f"{fmt_tokens(pred, unc) if pred else '-'} | {fmt_tokens(meas) if meas else '-'} |")
     if summary.get("failed"):
         lines += ["", "Plans that failed to run: " + "; ".join(f"{k}: {v}" for k, v in summary["failed"].items())]
     # which ops carry the error: per held-out plan off by more than 10 % (else the worst one),
@@ -164,7 +173,9 @@ def write_outputs(out: Path, rows: list[dict[str, Any]], op_rows: list[dict[str,
                   timelines: dict[str, Any]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     atomic.write_text(out / "per_step.csv", _csv(rows, ["plan", "held_out", "predicted_s", "measured_s", "error_pct",
-                                                        "repeats", "measured_spread_pct"]))
+                                                        "repeats", "measured_spread_pct", "predicted_tokens_per_s",
+                                                        "tokens_per_s_low", "tokens_per_s_high",
+                                                        "measured_tokens_per_s"]))
     atomic.write_text(out / "per_op.csv", _csv(op_rows, ["plan", "held_out", "event", "predicted_us", "measured_us",
                                                          "error_pct", "per_step"]))
     atomic.write_json(out / "summary.json", {k: (None if isinstance(v, float) and math.isnan(v) else v)

@@ -14,6 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
+import numpy as np
+
 from perfmodel import pplayout
 from perfmodel.specs import ModelSpec, PlanSpec, SpecError
 
@@ -159,6 +161,57 @@ def rank_groups(plan: PlanSpec, world: int) -> dict[str, tuple[tuple[int, ...], 
 def rank_group_index(plan: PlanSpec, world: int) -> dict[str, dict[int, tuple[int, ...]]]:
     """kind -> rank -> the group of that kind holding the rank (O(1) lookups for the simulator)."""
     return _index(*_key(plan, world))
+
+
+_ATTENTION_DIMS = {"tp": ("tp",), "sp": ("sp",), "dp": ("dp",), "pp": ("pp",), "dp_sp": ("dp", "sp"),
+                   "tp_sp": ("tp", "sp")}
+
+
+@lru_cache(maxsize=4096)
+def _group_closed_form(world: int, tp: int, sp: int, pp: int, ep: int, etp: int, order: tuple[str, ...],
+                       kind: str, rank: int) -> tuple[int, ...]:
+    """One rank's group from its coordinates (no enumeration of the world: O(group size))."""
+    sizes = {"tp": tp, "sp": sp, "dp": world // (tp * sp * pp), "pp": pp}
+    stride, s = {}, 1
+    for d in order:
+        stride[d], s = s, s * sizes[d]
+    coord = {d: rank // stride[d] % sizes[d] for d in order}
+    if kind in _ATTENTION_DIMS:
+        vary = _ATTENTION_DIMS[kind]
+        out = np.array([rank - sum(coord[d] * stride[d] for d in vary)], dtype=np.int64)
+        for d in vary:
+            out = np.add.outer(out, np.arange(sizes[d], dtype=np.int64) * stride[d]).ravel()
+        return tuple(np.sort(out).tolist())
+    # expert folding (as _groups): a stage's ranks in ascending order are position q = (d*ep + p)*etp + e
+    inner = [d for d in order if d != "pp"]
+    pstride, s = {}, 1
+    for d in inner:
+        pstride[d], s = s, s * sizes[d]
+    q = sum(coord[d] * pstride[d] for d in inner)
+    e, p, dd = q % etp, q // etp % ep, q // (etp * ep)
+    if kind == "etp":
+        pos = (dd * ep + p) * etp + np.arange(etp)
+    elif kind == "ep":
+        pos = (dd * ep + np.arange(ep)) * etp + e
+    elif kind == "edp":
+        pos = (np.arange(s // (ep * etp)) * ep + p) * etp + e
+    else:
+        raise KeyError(f"unknown group kind {kind!r}")
+    ranks = np.full(pos.shape, coord["pp"] * stride["pp"], dtype=np.int64)
+    for d in inner:  # position -> coordinates -> global rank (ascending with the position)
+        ranks += pos // pstride[d] % sizes[d] * stride[d]
+    return tuple(ranks.tolist())
+
+
+def group_of_rank(plan: PlanSpec, world: int, kind: str, rank: int) -> tuple[int, ...]:
+    """The `kind` group holding `rank`, as rank_groups lists it (sorted), in closed form: the simulator
+    needs only its representative ranks' groups, so it never enumerates a 100k-rank world."""
+    return _group_closed_form(*_key(plan, world), kind, rank)
+
+
+def group_count(plan: PlanSpec, world: int, kind: str) -> int:
+    """How many groups of `kind` there are: every kind partitions the world into equal groups."""
+    return world // len(group_of_rank(plan, world, kind, 0))
 
 
 def group_of(groups: dict[str, tuple[tuple[int, ...], ...]], kind: str, rank: int) -> tuple[int, ...]:

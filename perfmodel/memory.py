@@ -101,8 +101,9 @@ def fp8_gemm_params(model: ModelSpec, plan: PlanSpec, stage: int) -> float:
     n_moe, n_dense = stage_layers(model, plan, stage)
     h, tp = model.hidden, plan.tp
     attn = (model.attn_in_params + model.attn_out_params) / tp
-    dense = n_dense * (attn + 3 * h * (model.dense_ffn_hidden or 0) / tp)
-    moe = n_moe * (attn + 3 * h * model.shared_ffn_hidden / tp)
+    mats = model.ffn_matrices
+    dense = n_dense * (attn + mats * h * (model.dense_ffn_hidden or 0) / tp)
+    moe = n_moe * (attn + mats * h * model.shared_ffn_hidden / tp)
     if model.moe:
         moe += n_moe * (model.moe.experts / plan.ep) * model.expert_params / plan.etp
     return dense + moe
@@ -114,10 +115,11 @@ def stage_params(model: ModelSpec, plan: PlanSpec, stage: int) -> tuple[float, f
     h, tp = model.hidden, plan.tp
     n_moe, n_dense = stage_layers(model, plan, stage)
     attn = (model.attn_in_params + model.attn_out_params) / tp + h  # + norm
-    dense = n_dense * (attn + h + 3 * h * (model.dense_ffn_hidden or 0) / tp)
+    mats = model.ffn_matrices
+    dense = n_dense * (attn + h + mats * h * (model.dense_ffn_hidden or 0) / tp)
     expert = 0.0
     if model.moe:
-        moe_rest = attn + h + h * model.moe.experts + 3 * h * model.shared_ffn_hidden / tp
+        moe_rest = attn + h + h * model.moe.experts + mats * h * model.shared_ffn_hidden / tp
         dense += n_moe * moe_rest
         expert = n_moe * (model.moe.experts / plan.ep) * model.expert_params / plan.etp
     emb = model.vocab * h / tp
@@ -158,6 +160,7 @@ def layer_activation_bytes(model: ModelSpec, lay: Layout, moe_layer: bool, recom
     if recompute == "full":
         return BF16 * n * h
     sel = recompute == "selective"
+    up = model.ffn_matrices - 1  # fc1 output widths: gate and up (gated) or up alone
     q, k, v, o = _attn_widths(model, lay)
     # attention: norm input, [norm output = qkv input], q k v, output (proj input), fp32 softmax stats
     b = BF16 * n * (h + q + k + v) + gemm_in * n * ((0 if sel else h) + o) + FP32 * n * model.heads
@@ -170,13 +173,13 @@ def layer_activation_bytes(model: ModelSpec, lay: Layout, moe_layer: bool, recom
         te = n * moe.top_k * moe.routing_skew * lay.etp
         f = moe.expert_ffn_hidden / lay.etp
         b += FP32 * n * moe.experts  # router logits/probs
-        b += gemm_in * te * (h + (0 if sel else f)) + BF16 * te * 2 * f  # fc1 input, [act out]; fc1 out
+        b += gemm_in * te * (h + (0 if sel else f)) + BF16 * te * up * f  # fc1 input, [act out]; fc1 out
         b += BF16 * n * moe.top_k * h  # expert outputs back home, read by unpermute's backward
         fs = model.shared_ffn_hidden
     else:
         fs = model.dense_ffn_hidden or 0
     if fs:
-        b += BF16 * n * 2 * fs + gemm_in * n * (0 if sel else fs)  # fc1 out (gate, up), [act out]; input = norm out
+        b += BF16 * n * up * fs + gemm_in * n * (0 if sel else fs)  # fc1 out (gate, up | up), [act out]; input = norm out
     return b
 
 

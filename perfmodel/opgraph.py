@@ -56,6 +56,9 @@ class Op:
     branch: str = "main"  # ops on another branch may run concurrently with "main"
     # comm: payload of the backward collective (gradients, bf16); FP8 casts: bytes of the gradient's cast
     bwd_bytes: float | None = None
+    # comm, deepep dispatcher: (top_k, expert_groups, groups_per_token or 0) — the collective sends a
+    # token once per destination node (collectives.expand); None: every (token, expert) copy
+    routing: tuple[int, int, int] | None = None
 
     @property
     def event(self) -> str:
@@ -98,9 +101,10 @@ def mem(name: str, nbytes: float) -> Op:
 
 
 def comm(name: str, collective: str, group: str, size: int, payload: float, dtype: str = ACT,
-         imbalance: float = 1.0, bwd_bytes: float | None = None) -> Op:
+         imbalance: float = 1.0, bwd_bytes: float | None = None, routing: tuple[int, int, int] | None = None) -> Op:
     return Op(name, "fwd", "comm", bytes=payload, dtype=dtype, collective=collective, group=group,
-              group_size=size, imbalance=imbalance, bwd_bytes=payload if bwd_bytes is None else bwd_bytes)
+              group_size=size, imbalance=imbalance, bwd_bytes=payload if bwd_bytes is None else bwd_bytes,
+              routing=routing)
 
 
 _REVERSE = {"all_to_all": "all_to_all", "all_gather": "reduce_scatter", "reduce_scatter": "all_gather",
@@ -217,7 +221,7 @@ class OpGraph:
         p, L = self.plan, self.layout
         key = (id(self.model), L.tp, L.sp, L.ep, L.etp, p.micro_batch, p.recompute, p.compression.dispatch,
                p.compression.combine, p.overlap.intra_op != "none" and p.overlap.chunks, p.precision,
-               p.fp8_recipe)
+               p.fp8_recipe, p.dispatcher)
         hit = _LAYERS.get(key)
         if hit is not None and hit[0] is self.model:  # id() reused by a new model: rebuild
             return hit[1]
@@ -288,6 +292,7 @@ class OpGraph:
         f = moe.expert_ffn_hidden / L.etp
         t_route = self.t_seq * k
         t_exp = t_route * L.etp * skew
+        routing = (k, moe.expert_groups, moe.groups_per_token or 0) if p.dispatcher == "deepep" else None
         norm = b.add(mem("moe.norm", self.t_seq * h * a * 3))
         b.add(gemm("moe.router", self.t_seq, moe.experts, h, dtype="fp32"), after=(norm,))
         if L.tp * L.sp > 1:
@@ -308,7 +313,7 @@ class OpGraph:
             if d == "fp8":
                 b.add(mem("moe.dispatch_quant", t_route * h * (a + 1)))
             payload = t_route * (h * BYTES[d] + (self._scale_bytes_per_token if d == "fp8" else 0))
-            b.add(comm("moe.dispatch_a2a", "all_to_all", "ep", L.ep, payload, d, skew, t_route * h * a))
+            b.add(comm("moe.dispatch_a2a", "all_to_all", "ep", L.ep, payload, d, skew, t_route * h * a, routing))
             if d == "fp8" and not self.fp8:
                 b.add(mem("moe.dispatch_dequant", t_route * skew * h * (a + 1)))
         if L.etp > 1:
@@ -317,8 +322,9 @@ class OpGraph:
         # FP8 dispatch under precision fp8 sends the activations already quantized for the expert
         # GEMM (DeepSeek-V3): no dequantize after the all-to-all, no second cast before fc1
         pre_quantized = self.fp8 and L.ep > 1 and L.etp == 1 and p.compression.dispatch == "fp8"
-        self._gemm(b, "moe.fc1", t_exp, 2 * f, h, groups, quantized_input=pre_quantized)
-        b.add(mem("moe.act", t_exp * 3 * f * a))
+        # fc1 writes gate and up (gated) or up alone; the activation reads them and writes f
+        self._gemm(b, "moe.fc1", t_exp, (m.ffn_matrices - 1) * f, h, groups, quantized_input=pre_quantized)
+        b.add(mem("moe.act", t_exp * m.ffn_matrices * f * a))
         fc2 = self._gemm(b, "moe.fc2", t_exp, h, f, groups)
         if L.etp > 1:
             b.add(comm("moe.etp_rs", "reduce_scatter", "etp", L.etp, t_exp * h * a))
@@ -328,14 +334,15 @@ class OpGraph:
                 b.add(mem("moe.combine_quant", t_route * skew * h * (a + 1)))
             # mean rank's payload, like dispatch; the hottest rank's extra is `imbalance` (skew)
             payload = t_route * (h * BYTES[c] + (self._scale_bytes_per_token if c == "fp8" else 0))
-            b.add(comm("moe.combine_a2a", "all_to_all", "ep", L.ep, payload, c, skew, t_route * skew * h * a))
+            b.add(comm("moe.combine_a2a", "all_to_all", "ep", L.ep, payload, c, skew, t_route * skew * h * a,
+                       routing))
             if c == "fp8":
                 b.add(mem("moe.combine_dequant", t_route * h * (a + 1)))
         joins = [b.fwd[-1].event]
         if m.shared_ffn_hidden:
             # the shared expert only needs the normed tokens; the runtime (runtime/moe.py) runs it once
             # the experts are done, under the combine all-to-all (and its gradient in backward)
-            joins.append(self._gemm(b, "moe.shared", self.t_seq, 3 * m.shared_ffn_hidden, h, after=(fc2,),
+            joins.append(self._gemm(b, "moe.shared", self.t_seq, m.ffn_matrices * m.shared_ffn_hidden, h, after=(fc2,),
                                     branch="shared"))
         b.add(mem("moe.unpermute", t_route * h * a * 2 + self.t_seq * h * a * 2), after=tuple(joins))
 
@@ -353,8 +360,8 @@ class OpGraph:
         b.add(mem("ffn.norm", self.t_seq * h * a * 3))
         if L.tp > 1:
             b.add(comm("ffn.tp_ag", "all_gather", "tp", L.tp, self.t_attn * h * a))
-        self._gemm(b, "ffn.fc1", self.t_attn, 2 * f, h)
-        b.add(mem("ffn.act", self.t_attn * 3 * f * a))
+        self._gemm(b, "ffn.fc1", self.t_attn, (m.ffn_matrices - 1) * f, h)
+        b.add(mem("ffn.act", self.t_attn * m.ffn_matrices * f * a))
         self._gemm(b, "ffn.fc2", self.t_attn, h, f)
         if L.tp > 1:
             b.add(comm("ffn.tp_rs", "reduce_scatter", "tp", L.tp, self.t_attn * h * a))
@@ -368,15 +375,15 @@ class OpGraph:
         dense_local = (m.attn_params + m.hidden) / L.tp
         expert_local = 0.0
         if moe:
-            dense_local += m.hidden * m.moe.experts + 3 * m.hidden * m.shared_ffn_hidden / L.tp
+            dense_local += m.hidden * m.moe.experts + m.ffn_matrices * m.hidden * m.shared_ffn_hidden / L.tp
             expert_local = m.moe.experts / L.ep * m.expert_params / L.etp
         else:
-            dense_local += 3 * m.hidden * (m.dense_ffn_hidden or 0) / L.tp
+            dense_local += m.ffn_matrices * m.hidden * (m.dense_ffn_hidden or 0) / L.tp
         ops = tuple(b.fwd) + tuple(_backward(b.fwd, self.plan.recompute))
         params = {"dp_sp": dense_local, **({"edp": expert_local} if moe else {})}
         fp8_params = 0.0
         if self.fp8:
-            ffn = 3 * m.hidden * (m.shared_ffn_hidden if moe else (m.dense_ffn_hidden or 0)) / L.tp
+            ffn = m.ffn_matrices * m.hidden * (m.shared_ffn_hidden if moe else (m.dense_ffn_hidden or 0)) / L.tp
             fp8_params = (m.attn_in_params + m.attn_out_params) / L.tp + ffn + expert_local
         return LayerGraph("moe" if moe else "dense", ops, params, fp8_params)
 

@@ -20,15 +20,16 @@ from typing import Any
 from perfmodel import atomic
 from perfmodel.chrometrace import write_chrome_trace
 from perfmodel.layout import plan_layout
-from perfmodel.report_doc import Doc, breakdown_of, fill_sections, fixed_details, fmt_gib, fmt_tokens
+from perfmodel.report_doc import Doc, breakdown_of, fill_sections, fixed_details, fmt_gib, tie_words, unc_of
 from perfmodel.search import BREAKDOWN_KEYS, Row, SearchResult, default_simulate
 from perfmodel.specs import SpecError
+from perfmodel.uncertainty import band_fields, block, fmt_tokens, tie_set
 
 PLAN_COLUMNS = ("tp", "sp", "ep", "etp", "pp", "vpp", "dp", "micro_batch", "global_batch", "schedule",
                 "recompute", "inter_op", "intra_op", "chunks", "overlap_grad_sync", "dispatch", "combine",
                 "grad_sync", "distributed_optimizer", "rank_order")
 CSV_COLUMNS = ("index", "variant", "name", "fixed", "status", "reason", "rank", *PLAN_COLUMNS,
-               "tokens_per_s", "mfu", "step_time_s", *BREAKDOWN_KEYS, "memory_GiB", "bound_s")
+               "tokens_per_s", "tokens_per_s_low", "tokens_per_s_high", "mfu", "step_time_s", *BREAKDOWN_KEYS, "memory_GiB", "bound_s")
 
 
 def g(x: float | None, digits: int = 6) -> str:
@@ -52,10 +53,10 @@ def plan_fields(row: Row, model: Any, world: int) -> dict[str, Any]:
             "rank_order": "-".join(p.rank_order)}
 
 
-def fmt_row(row: Row) -> dict[str, str]:
+def fmt_row(row: Row, result: SearchResult) -> dict[str, str]:
     m = row.metrics
     return {"name": row.plan.name, "variant": row.variant, "status": row.status,
-            "tokens_per_s": fmt_tokens(m["tokens_per_s"]) if m else "-",
+            "tokens_per_s": fmt_tokens(m["tokens_per_s"], unc_of(result, row.variant)) if m else "-",
             "mfu": f"{100 * m['mfu']:.1f} %" if m else "-",
             "step_time_s": f"{m['step_time_s']:.3f}" if m else "-",
             "memory_GiB": fmt_gib(row.memory_GiB)}
@@ -71,9 +72,11 @@ def plans_csv(result: SearchResult) -> str:
         m = row.metrics
         bd = breakdown_of(m)
         fields = plan_fields(row, parts[row.variant].model, parts[row.variant].world)
+        bands = band_fields(m.get("tokens_per_s"), parts[row.variant].profile.uncertainty)
         w.writerow([row.index, row.variant, row.plan.name, row.fixed, row.status, row.reason,
                     rank.get(row.index, ""), *(fields[c] for c in PLAN_COLUMNS),
-                    g(m.get("tokens_per_s")), g(m.get("mfu")), g(m.get("step_time_s")),
+                    g(m.get("tokens_per_s")), g(bands["tokens_per_s_low"]), g(bands["tokens_per_s_high"]),
+                    g(m.get("mfu")), g(m.get("step_time_s")),
                     *(g(bd.get(k)) if m else "" for k in BREAKDOWN_KEYS), g(row.memory_GiB), g(row.bound_s)])
     return buf.getvalue()
 
@@ -90,11 +93,18 @@ def summary_json(result: SearchResult, out: Path, top: int) -> dict[str, Any]:
     def one(r: Row) -> dict[str, Any]:
         return {"variant": r.variant, "name": r.plan.name, "status": r.status, "reason": r.reason,
                 "plan": r.plan.model_dump(mode="json", exclude_none=True), **r.metrics,
+                **band_fields(r.metrics.get("tokens_per_s"), unc_of(result, r.variant)),
                 "memory_total_GiB": r.memory_GiB}
 
+    ranked = result.ranked()
+    best = ranked[0] if ranked else None
+    unc = unc_of(result, best.variant if best else None)
+    ties = tie_set(result.ranked(best.variant), unc) if best else []
     return {"study": result.study.name, "out": str(out), "evaluated": result.evaluated,
             "counts": result.counts(), "merged_duplicates": result.merged,
-            "top": [one(r) for r in result.ranked()[:top]], "fixed": [one(r) for r in result.fixed()]}
+            # the winner's variant's band (null: profile not calibrated) and the plans within it of the winner
+            "uncertainty": block(unc), "within_error_of_winner": [r.plan.name for r in ties] if unc else None,
+            "top": [one(r) for r in ranked[:top]], "fixed": [one(r) for r in result.fixed()]}
 
 
 def write_report(result: SearchResult, out: str | Path, *, top: int = 10, simulate_fn: Any = None) -> Path:
@@ -111,9 +121,11 @@ def write_report(result: SearchResult, out: str | Path, *, top: int = 10, simula
     if best is not None:
         vb = next(v for v in result.variants if v.name == best.variant)
         traced = fn(vb.model, vb.cluster, best.plan, vb.profile, trace=True)
-        note = (f"best plan of study {result.study.name} (variant {best.variant}): predicted "
-                f"{fmt_tokens(best.tokens_per_s)} tokens/s, step {best.step_time_s:.3f} s, "
-                f"{best.metrics['mfu'] * 100:.1f} % MFU")
+        n_tied = len(tie_words(result, best)[0])
+        what = "best plan" if n_tied == 1 else f"highest prediction of {n_tied} plans within the model's error"
+        note = (f"{what} of study {result.study.name} (variant {best.variant}): predicted "
+                f"{fmt_tokens(best.tokens_per_s, unc_of(result, best.variant))} tokens/s, step "
+                f"{best.step_time_s:.3f} s, {best.metrics['mfu'] * 100:.1f} % MFU")
         atomic.write_text(out / "best_plan.yaml", plan_yaml(best, note))
         write_chrome_trace(out / "best_timeline.json", traced.timeline,
                            {"study": result.study.name, "variant": best.variant, "plan": best.plan.name,

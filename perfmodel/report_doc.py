@@ -13,10 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from perfmodel.search import BREAKDOWN_KEYS, Row, SearchResult
+from perfmodel.specs import UncertaintySpec
+from perfmodel.uncertainty import NO_BAND, describe, fmt_conf, fmt_pct, fmt_tokens, tie_set
 
 LABELS = {"compute_s": "compute", "exposed_comm_s": "exposed comm", "bubble_s": "pipeline bubble",
           "grad_sync_s": "grad sync (exposed)", "optimizer_s": "optimizer", "other_s": "other"}
 TOLERANCE = 0.10  # the reproduction target: within +-10 % of the paper
+MAX_TIES_LISTED = 25  # candidates listed by name in the report (all of them are counted)
 
 
 class Doc:
@@ -119,20 +122,21 @@ def fixed_details(result: SearchResult, fn: Any) -> dict[int, dict[str, Any]]:
     return out
 
 
-def fmt_tokens(x: float) -> str:
-    """Tokens/s for people: 1.410 M, 11.2 k, 950."""
-    return f"{x / 1e6:.3f} M" if x >= 1e6 else (f"{x / 1e3:.1f} k" if x >= 1e3 else f"{x:.0f}")
+def unc_of(result: SearchResult, variant: str | None = None) -> UncertaintySpec | None:
+    """The error band of a variant's profile (the first variant's by default)."""
+    v = next((v for v in result.variants if v.name == variant), result.variants[0])
+    return v.profile.uncertainty
 
 
 def fmt_gib(x: float | None) -> str:
     return "-" if x is None else (f"{x:.1f}" if x >= 10 else f"{x:.2f}")
 
 
-def _row_cells(r: Row) -> list[Any]:
+def _row_cells(r: Row, unc: UncertaintySpec | None) -> list[Any]:
     m, bd = r.metrics, breakdown_of(r.metrics)
     if not m:
         return [r.plan.name, r.status, "-", "-", "-", *["-"] * 5, "-"]
-    return [r.plan.name, r.status, fmt_tokens(m["tokens_per_s"]), f"{100 * m['mfu']:.1f}", f"{m['step_time_s']:.3f}",
+    return [r.plan.name, r.status, fmt_tokens(m["tokens_per_s"], unc), f"{100 * m['mfu']:.1f}", f"{m['step_time_s']:.3f}",
             *(f"{bd[k]:.3f}" for k in BREAKDOWN_KEYS if k != "other_s"),
             fmt_gib(r.memory_GiB)]
 
@@ -193,7 +197,9 @@ def paper_section(doc: Doc, result: SearchResult, details: dict[int, dict[str, A
             what += f" @{variant}" if variant != v0 else ""
         err = (pred - paper) / paper if pred is not None and paper else None
         ok = err is not None and abs(err) <= TOLERANCE
-        rows.append([what, fmt.format(paper), "-" if pred is None else fmt.format(pred),
+        unc = unc_of(result, variant) if metric == "tokens_per_s" else None  # a band is on tokens/s only
+        rows.append([what, fmt.format(paper), "-" if pred is None else fmt.format(pred) + (
+                     f" ± {fmt_pct(unc)}" if unc is not None else ""),
                      "-" if err is None else f"{100 * err:+.1f} %", "yes" if ok else "**no**"])
         if not ok and target is not None:
             misses.append((what, err, target, base, paper if metric == "speedup" else 1.0))
@@ -249,11 +255,39 @@ def _diff(a: Row, b: Row) -> list[str]:
     return out
 
 
+def tie_words(result: SearchResult, best: Row) -> tuple[list[Row], str]:
+    """The plans within the model's error of the winner (its variant's band) and one sentence on them."""
+    unc = unc_of(result, best.variant)
+    ties = tie_set(result.ranked(best.variant), unc)
+    if unc is None:
+        return ties, f"`{best.plan.name}` is predicted fastest; {NO_BAND}, so how close the runners-up are is unknown."
+    if len(ties) == 1:
+        return ties, (f"`{best.plan.name}` ({fmt_tokens(best.tokens_per_s, unc)}) is the winner: every other plan is "
+                      f"predicted slower by more than the model's error (±{fmt_pct(unc)} at {fmt_conf(unc)}).")
+    return ties, (f"**{len(ties)} plans within the model's error of the winner (±{fmt_pct(unc)} at "
+                  f"{fmt_conf(unc)}): equally good candidates.** The model cannot order them; `{best.plan.name}` "
+                  "is only the highest prediction among them: measure the candidates (`moeperf compare`) to choose.")
+
+
+def ties_section(doc: Doc, result: SearchResult, best: Row) -> None:
+    ties, sentence = tie_words(result, best)
+    unc = unc_of(result, best.variant)
+    doc.p(sentence + (f" The {describe(unc)}." if unc is not None else ""))
+    if len(ties) > 1:
+        doc.bullets([f"`{r.plan.name}`{f' [{r.variant}]' if len(result.variants) > 1 else ''}: "
+                     f"{fmt_tokens(r.tokens_per_s, unc)} tokens/s, {100 * r.metrics['mfu']:.1f} % MFU, "
+                     f"step {r.step_time_s:.3f} s" for r in ties[:MAX_TIES_LISTED]]
+                    + ([f"... and {len(ties) - MAX_TIES_LISTED} more (`plans.csv` ranks them)"]
+                       if len(ties) > MAX_TIES_LISTED else []))
+
+
 def winner_section(doc: Doc, result: SearchResult, best: Row) -> None:
     base = result.baseline(best.variant)
     if base is None or not base.metrics:
         return
-    doc.h2(f"What made the winner win (vs the baseline `{base.plan.name}`)")
+    tied = len(tie_set(result.ranked(best.variant), unc_of(result, best.variant))) > 1
+    doc.h2(f"What made the {'top-ranked plan (one of the tied candidates) faster' if tied else 'winner win'} "
+           f"(vs the baseline `{base.plan.name}`)")
     bw, bb = breakdown_of(best.metrics), breakdown_of(base.metrics)
     gain = base.step_time_s - best.step_time_s
     rows = []
@@ -302,13 +336,16 @@ def fill_sections(doc: Doc, result: SearchResult, best: Row | None, details: dic
     paper_section(doc, result, details)
     doc.h2("Fixed plans" + (" (per variant)" if multi else ""))
     doc.table((["variant"] if multi else []) + ROW_HEADERS,
-              [([r.variant] if multi else []) + _row_cells(r) for r in result.fixed()])
+              [([r.variant] if multi else []) + _row_cells(r, unc_of(result, r.variant)) for r in result.fixed()])
     doc.h2(f"Top {top} plans")
     ranked = result.ranked()
     if not ranked:
         doc.p("No plan was simulated successfully and fits in memory.")
+    if best is not None:
+        ties_section(doc, result, best)
     doc.table(["#"] + (["variant"] if multi else []) + ROW_HEADERS,
-              [[i + 1] + ([r.variant] if multi else []) + _row_cells(r) for i, r in enumerate(ranked[:top])])
+              [[i + 1] + ([r.variant] if multi else []) + _row_cells(r, unc_of(result, r.variant))
+               for i, r in enumerate(ranked[:top])])
     if best is not None:
         winner_section(doc, result, best)
     if multi:
@@ -319,15 +356,19 @@ def fill_sections(doc: Doc, result: SearchResult, best: Row | None, details: dic
         for v in result.variants:
             rk = result.ranked(v.name)
             b = rk[0] if rk else None
-            rows.append([v.name, b.plan.name if b else "-", fmt_tokens(b.tokens_per_s) if b else "-",
+            unc = v.profile.uncertainty
+            rows.append([v.name, b.plan.name if b else "-", fmt_tokens(b.tokens_per_s, unc) if b else "-",
                          f"{100 * b.metrics['mfu']:.1f}" if b else "-",
-                         f"{b.tokens_per_s / ref_tps:.2f}x" if b and ref_tps else "-"])
-        doc.table(["variant", "best plan", "tokens/s", "MFU %", f"vs {result.variants[0].name}"], rows)
+                         f"{b.tokens_per_s / ref_tps:.2f}x" if b and ref_tps else "-",
+                         len(tie_set(rk, unc)) if b and unc is not None else "-"])
+        doc.table(["variant", "best plan", "tokens/s", "MFU %", f"vs {result.variants[0].name}",
+                   "plans within error of its best"], rows)
     doc.h2("Figures")
     for file, caption in images:
         doc.img(file, caption)
     doc.h2("Files")
     doc.bullets(["`plans.csv`: every plan with its fields, status, reason and predictions"]
-                + (["`best_plan.yaml`: the winner (`moeperf simulate --plan`, `moeperf run --plan`)",
+                + ([f"`best_plan.yaml`: the {'winner' if len(tie_words(result, best)[0]) == 1 else 'highest prediction'}"
+                    " (`moeperf simulate --plan`, `moeperf run --plan`)",
                     "`best_timeline.json`: the winner's simulated iteration (open in https://ui.perfetto.dev)"]
                    if best is not None else []))

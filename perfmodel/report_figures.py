@@ -23,6 +23,7 @@ from matplotlib.patches import Patch  # noqa: E402
 from perfmodel import atomic  # noqa: E402
 from perfmodel.report_doc import LABELS, breakdown_of  # noqa: E402
 from perfmodel.search import BREAKDOWN_KEYS, Row, SearchResult  # noqa: E402
+from perfmodel.uncertainty import NO_BAND, band, fmt_conf, fmt_pct  # noqa: E402
 
 DPI = 110
 FIGURES = ("throughput_memory.png", "breakdown.png", "variants.png", "scaling.png", "layer_gantt.png", "pipeline.png")
@@ -57,6 +58,14 @@ def throughput_memory(result: SearchResult, best: Row | None, path: Path) -> Non
         ok = [r for r in result.rows if r.variant == v.name and r.status == "ok" and r.memory_GiB is not None]
         ax.scatter([r.memory_GiB for r in ok], [r.tokens_per_s / 1e6 for r in ok], s=12, alpha=0.55,
                    color=VARIANT_COLORS[i % 10], label=f"{v.name}: simulated plans" if multi else "simulated plans")
+        unc = v.profile.uncertainty
+        if unc is not None and ok:  # the profile's error band on every prediction
+            lows, highs = zip(*(band(r.tokens_per_s, unc) for r in ok), strict=True)
+            ax.errorbar([r.memory_GiB for r in ok], [r.tokens_per_s / 1e6 for r in ok], fmt="none",
+                        yerr=[[(r.tokens_per_s - lo) / 1e6 for r, lo in zip(ok, lows, strict=True)],
+                              [(hi - r.tokens_per_s) / 1e6 for r, hi in zip(ok, highs, strict=True)]],
+                        ecolor=VARIANT_COLORS[i % 10], elinewidth=0.7, alpha=0.35, capsize=0,
+                        label=f"{v.name + ': ' if multi else ''}error band ±{fmt_pct(unc)} at {fmt_conf(unc)}")
         front = pareto([(r.memory_GiB, r.tokens_per_s / 1e6) for r in ok])  # type: ignore[misc]
         if front:
             ax.step([p[0] for p in front], [p[1] for p in front], where="post", color=VARIANT_COLORS[i % 10],
@@ -86,7 +95,9 @@ def throughput_memory(result: SearchResult, best: Row | None, path: Path) -> Non
                    edgecolor="k", zorder=6, label=f"best: {best.plan.name}")
     ax.set_xlabel("estimated memory per GPU (GiB)")
     ax.set_ylabel("predicted throughput (million tokens/s)")
-    ax.set_title(f"{result.study.name}: throughput vs memory of every simulated plan")
+    unc0 = result.variants[0].profile.uncertainty
+    ax.set_title(f"{result.study.name}: throughput vs memory of every simulated plan"
+                 + ("" if unc0 is not None else f"\n({NO_BAND})"))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.11), ncol=2, frameon=False)
     _save(fig, path)
@@ -228,20 +239,26 @@ def pipeline_chart(timeline: list[Any], title: str, path: Path) -> bool:
 
 
 def variants_chart(result: SearchResult, path: Path) -> None:
-    names, vals, labels = [], [], []
+    names, vals, labels, errs = [], [], [], [[], []]
     for v in result.variants:
         rk = result.ranked(v.name)
         names.append(v.name)
         vals.append(rk[0].tokens_per_s / 1e6 if rk else 0.0)
         labels.append(rk[0].plan.name.split("_")[0] if rk else "no plan fits")
+        lo, hi = band(rk[0].tokens_per_s, v.profile.uncertainty) if rk else (None, None)
+        errs[0].append(vals[-1] - lo / 1e6 if lo is not None else 0.0)
+        errs[1].append(hi / 1e6 - vals[-1] if hi is not None else 0.0)
     fig, ax = plt.subplots(figsize=(max(8, 1.3 * len(names)), 5))
-    ax.bar(range(len(names)), vals, color=[VARIANT_COLORS[i % 10] for i in range(len(names))])
+    has_band = any(errs[1])
+    ax.bar(range(len(names)), vals, color=[VARIANT_COLORS[i % 10] for i in range(len(names))],
+           yerr=errs if has_band else None, capsize=4, error_kw={"elinewidth": 1, "ecolor": "#333333"})
     for i, (v, lbl) in enumerate(zip(vals, labels, strict=True)):
-        ax.text(i, v, f"{v:.2f} M\n{lbl}", ha="center", va="bottom", fontsize=8)
+        ax.text(i, v + errs[1][i], f"{v:.2f} M\n{lbl}", ha="center", va="bottom", fontsize=8)
     ax.set_xticks(range(len(names)), names, rotation=20, ha="right", fontsize=9)
     ax.set_ylabel("best predicted throughput (million tokens/s)")
-    ax.set_title(f"{result.study.name}: best plan per what-if variant")
-    ax.set_ylim(0, max(vals + [1e-9]) * 1.2)
+    ax.set_title(f"{result.study.name}: best plan per what-if variant"
+                 + (" (bars: the profile's error band)" if has_band else f"\n({NO_BAND})"))
+    ax.set_ylim(0, max([a + b for a, b in zip(vals, errs[1], strict=True)] + [1e-9]) * 1.2)
     ax.grid(axis="y", alpha=0.3)
     _save(fig, path)
 
@@ -265,6 +282,13 @@ def scaling_chart(result: SearchResult, path: Path) -> bool:
                  if (k := f"tokens_per_s.{name}" + ("" if v.name == first else f"@{v.name}")) in ref]
         if pred:
             ax.plot(*zip(*pred, strict=True), marker="o", color=color, lw=1.8, label=f"{name}: predicted")
+            bands = [(x, y, band(y, v.profile.uncertainty)) for v in variants for x, y in pred if x == v.world]
+            bands = [(x, y, lo, hi) for x, y, (lo, hi) in bands if lo is not None and hi is not None]
+            if bands:  # the profile's error band on each prediction, shaded (bars of the plans would overlap)
+                bands.sort()
+                ax.fill_between([b[0] for b in bands], [b[2] for b in bands], [b[3] for b in bands], color=color,
+                                alpha=0.12, lw=0)
+                top = max([top] + [b[3] for b in bands])
         if paper:
             ax.plot(*zip(*paper, strict=True), marker="s", mfc="none", ls="--", color=color, lw=1.4,
                     label=f"{name}: paper")
@@ -278,7 +302,9 @@ def scaling_chart(result: SearchResult, path: Path) -> bool:
     ax.set_xticks([v.world for v in variants], [f"{v.world:,}" for v in variants])
     ax.set_xlabel("GPUs")
     ax.set_ylabel("tokens/s per GPU")
-    ax.set_title(f"{result.study.name}: tokens/s per GPU (labels: predicted vs paper)")
+    shaded = any(v.profile.uncertainty is not None for v in variants)
+    ax.set_title(f"{result.study.name}: tokens/s per GPU (labels: predicted vs paper"
+                 + ("; shaded: the profile's error band)" if shaded else ")"))
     ax.set_ylim(0, 1.12 * top or 1.0)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=9, loc="lower left")
@@ -292,7 +318,9 @@ def draw_all(result: SearchResult, out: Path, *, traced: Any, best: Row | None, 
     if result.ranked():
         throughput_memory(result, best, out / "throughput_memory.png")
         made.append(("throughput_memory.png", "Predicted tokens/s vs memory per GPU; the Pareto front, the "
-                     "fixed plans and the best plan are marked."))
+                     "fixed plans and the best plan are marked; "
+                     + ("vertical bars: the profile's error band." if result.variants[0].profile.uncertainty
+                        else f"{NO_BAND}.")))
     if any(r.metrics for r in result.rows):
         breakdown_bars(result, top, out / "breakdown.png")
         made.append(("breakdown.png", "Step-time breakdown of the top plans and the fixed plans (seconds)."))

@@ -144,7 +144,7 @@ def lower_bound_s(model: ModelSpec, plan: PlanSpec, world: int, prof: ProfileSpe
 def _bound_key(p: PlanSpec) -> tuple:
     c = p.compression
     return (p.tp, p.sp, p.ep, p.etp, p.pp, p.vpp, p.micro_batch, p.recompute, p.global_batch, c.dispatch,
-            c.combine, p.distributed_optimizer, p.precision, p.fp8_recipe, p.pp_layout, p.schedule)
+            c.combine, p.distributed_optimizer, p.precision, p.fp8_recipe, p.pp_layout, p.schedule, p.dispatcher)
 
 
 # ------------------------------------------------------------------------ evaluation

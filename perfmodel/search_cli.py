@@ -115,13 +115,20 @@ def _print_table(result, top: int, out: Path) -> None:
     shown = result.ranked()[:top]
     fixed = [r for r in result.fixed() if r not in shown]
     for i, row in enumerate(shown + fixed):
-        f = fmt_row(row)
+        f = fmt_row(row, result)
         label = str(i + 1) if i < len(shown) else ("base" if row.plan.name == result.study.baseline else "fixed")
         table.add_row(label, *([row.variant] if multi else []), f["name"], f["tokens_per_s"], f["mfu"],
                       f["step_time_s"], f["memory_GiB"])
     console = Console(width=max(150, Console().width))
     console.print(table)
     print(f"searched in {result.wall_s:.1f} s ({result.evaluated / max(result.wall_s, 1e-9):.1f} simulated plans/s)")
+    if shown:
+        from perfmodel.report_doc import tie_words
+
+        ties, sentence = tie_words(result, shown[0])
+        print(sentence.replace("**", "").replace("`", ""))
+        if len(ties) > 1:
+            print("  candidates: " + ", ".join(r.plan.name for r in ties))
     if not shown:
         print("no plan was simulated successfully and fits in memory: plans.csv gives each plan's status and reason")
         print(f"report: {out / 'report.html'} (and report.md, plans.csv)")

@@ -1,7 +1,7 @@
 """The plan space of a study's `search:` block: every combination, in a fixed order.
 
 Combinations that differ only in a field with no effect are merged into one candidate
-(chunks without intra-op overlap; dispatch/combine precision without expert parallelism; the FP8
+(chunks without intra-op overlap; dispatch/combine precision and the dispatcher without expert parallelism; the FP8
 recipe of a bf16 plan; a schedule that does not fit the vpp). Where pp*vpp does not divide the
 model's layers, every distinct pipeline layout of the balanced split is a candidate (the
 embedding and/or the loss counted as a layer on the first/last stage: perfmodel.pplayout);
@@ -34,6 +34,7 @@ def plan_name(p: PlanSpec) -> str:
     tag = "" if lay is None else "L" + ("e" if lay.account_for_embedding else "") + ("l" if lay.account_for_loss else "")
     sched = {"1f1b": "", "interleaved": "", "zero-bubble": "zbv", "dualpipev": "dpv"}[p.schedule]
     prec = "" if p.precision == "bf16" else {"tensorwise": "_fp8t", "blockwise": "_fp8b"}[p.fp8_recipe]
+    prec += "_deepep" if p.dispatcher == "deepep" else ""
     parts = [f"tp{p.tp}sp{p.sp}ep{p.ep}etp{p.etp}pp{p.pp}" + (f"v{p.vpp}" if p.vpp > 1 else "") + sched + tag + prec,
              f"mb{p.micro_batch}", {"none": "rc0", "selective": "rcsel", "full": "rcfull"}[p.recompute],
              ("io" if ov.inter_op else "") + (f"{ov.intra_op}{ov.chunks}" if ov.intra_op != "none" else "")
@@ -48,6 +49,7 @@ def _canonical(values: dict[str, Any]) -> dict[str, Any]:
         v["chunks"] = OVERLAP_DEFAULT_CHUNKS
     if v["ep"] == 1:
         v["dispatch"] = v["combine"] = "bf16"
+        v["dispatcher"] = "alltoall"
     if v["precision"] == "bf16":
         v["fp8_recipe"] = "tensorwise"
     if v["vpp"] > 1 and v["pp"] == 1:  # not a plan under any schedule: one reason, not one per schedule
@@ -105,7 +107,7 @@ def make_plan(v: dict[str, Any], global_batch: int, layout: PipelineLayoutSpec |
         tp=v["tp"], sp=v["sp"], ep=v["ep"], etp=v["etp"], pp=v["pp"], vpp=v["vpp"],
         micro_batch=v["micro_batch"], global_batch=global_batch,
         schedule=v["schedule"], recompute=v["recompute"], precision=v["precision"], fp8_recipe=v["fp8_recipe"],
-        pp_layout=layout,
+        dispatcher=v["dispatcher"], pp_layout=layout,
         overlap=_sub(OverlapSpec, inter_op=v["inter_op"], intra_op=v["intra_op"], chunks=v["chunks"]),
         compression=_sub(CompressionSpec, dispatch=v["dispatch"], combine=v["combine"], grad_sync=v["grad_sync"]),
         distributed_optimizer=v["distributed_optimizer"], rank_order=order)

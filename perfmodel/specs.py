@@ -17,7 +17,7 @@ from perfmodel import yamlsafe
 
 PRESET_DIR = Path(__file__).parent / "presets"
 PRESET_SUBDIR = {"model": "models", "cluster": "clusters", "profile": "gpus"}
-KINDS = ("model", "cluster", "plan", "study", "profile")
+KINDS = ("model", "cluster", "plan", "study", "profile", "published_run")
 
 
 class SpecError(ValueError):
@@ -46,11 +46,24 @@ class MoESpec(Strict):
     first_dense_layers: NonNegInt = 0
     routing_skew: Annotated[float, Field(ge=1, le=1000, allow_inf_nan=False)] = 1.0  # max/mean tokens per expert
     aux_loss_coeff: NonNegFloat = 0.01
+    # group-limited routing (DeepSeek-V2 device-limited, V3 node-limited; HF n_group / topk_group): the
+    # experts form `expert_groups` equal groups and a token's top_k experts come from its best
+    # `groups_per_token` groups; None: no limit
+    expert_groups: PosInt = 1
+    groups_per_token: PosInt | None = None
 
     @model_validator(mode="after")
     def _check(self) -> MoESpec:
         if self.top_k > self.experts:
             raise ValueError(f"top_k={self.top_k} exceeds experts={self.experts}")
+        if self.experts % self.expert_groups:
+            raise ValueError(f"expert_groups={self.expert_groups} does not divide experts={self.experts}")
+        if self.groups_per_token is not None:
+            if self.groups_per_token > self.expert_groups:
+                raise ValueError(f"groups_per_token={self.groups_per_token} exceeds expert_groups={self.expert_groups}")
+            if self.groups_per_token * (self.experts // self.expert_groups) < self.top_k:
+                raise ValueError(f"groups_per_token={self.groups_per_token} groups of "
+                                 f"{self.experts // self.expert_groups} experts hold fewer than top_k={self.top_k}")
         return self
 
 
@@ -79,6 +92,9 @@ class ModelSpec(Strict):
     moe: MoESpec | None = None
     mla: MLASpec | None = None
     tie_embeddings: bool = False
+    # True: gated FFNs (SwiGLU: gate, up, down); False: two-matrix FFNs (up, down: Nemotron-4's
+    # squared ReLU, GPT's GeLU). Applies to dense, shared and routed-expert FFNs alike
+    gated_ffn: bool = True
 
     @model_validator(mode="after")
     def _check(self) -> ModelSpec:
@@ -134,6 +150,11 @@ class ModelSpec(Strict):
             return 0
         return self.moe.shared_experts * (self.moe.shared_expert_ffn_hidden or self.moe.expert_ffn_hidden)
 
+    @property
+    def ffn_matrices(self) -> int:
+        """Weight matrices of one FFN of width f (each h x f): 3 gated (gate, up, down), 2 otherwise."""
+        return 3 if self.gated_ffn else 2
+
     # --- parameter counts ----------------------------------------------------------
     @property
     def attn_in_params(self) -> int:
@@ -157,19 +178,19 @@ class ModelSpec(Strict):
 
     @property
     def expert_params(self) -> int:
-        """One routed expert (SwiGLU: gate, up, down)."""
-        return 3 * self.hidden * self.moe.expert_ffn_hidden if self.moe else 0
+        """One routed expert (SwiGLU: gate, up, down; non-gated: up, down)."""
+        return self.ffn_matrices * self.hidden * self.moe.expert_ffn_hidden if self.moe else 0
 
     @property
     def moe_layer_params(self) -> int:
         assert self.moe
         router = self.hidden * self.moe.experts
-        shared = 3 * self.hidden * self.shared_ffn_hidden
+        shared = self.ffn_matrices * self.hidden * self.shared_ffn_hidden
         return self.attn_params + self.hidden + router + shared + self.moe.experts * self.expert_params
 
     @property
     def dense_layer_params(self) -> int:
-        return self.attn_params + self.hidden + 3 * self.hidden * (self.dense_ffn_hidden or 0)
+        return self.attn_params + self.hidden + self.ffn_matrices * self.hidden * (self.dense_ffn_hidden or 0)
 
     @property
     def embedding_params(self) -> int:
@@ -217,6 +238,29 @@ class CollectiveFit(Strict):
     bw_GBps: PosFloat
 
 
+class UncertaintySpec(Strict):
+    """How far a prediction of this profile is from a measured run (perfmodel/uncertainty.py):
+    the band is prediction x exp(-+w), w = z((1 + confidence) / 2) x loo_log_rms."""
+
+    confidence: Annotated[float, Field(gt=0, lt=1, allow_inf_nan=False)] = 0.9  # two-sided coverage
+    loo_log_rms: NonNegFloat  # RMS of out-of-sample residuals ln(predicted / measured tokens/s)
+    # optional echo of w for readers of the YAML; checked against z x loo_log_rms, never used instead
+    log_halfwidth: NonNegFloat | None = None
+    n_runs: Annotated[int, Field(ge=2, le=10**9)]  # runs the residuals come from
+    method: str = ""
+
+    @model_validator(mode="after")
+    def _check(self) -> UncertaintySpec:
+        if self.log_halfwidth is not None:
+            from perfmodel.uncertainty import z_for  # lazy: uncertainty imports this module
+
+            w = z_for(self.confidence) * self.loo_log_rms
+            if abs(self.log_halfwidth - w) > 1e-3:
+                raise ValueError(f"log_halfwidth={self.log_halfwidth:g} is not z x loo_log_rms = {w:.4f} at "
+                                 f"confidence {self.confidence:g}; write {w:.4f} or leave it out (derived)")
+        return self
+
+
 class ProfileSpec(Strict):
     """A hardware profile: public datasheet peaks plus efficiency curves (presets) or fits (calibrated)."""
 
@@ -257,6 +301,8 @@ class ProfileSpec(Strict):
     collectives: dict[str, CollectiveFit] = {}
     calibrated_from: list[str] = []
     residuals: dict[str, float] = {}
+    # the error band of this profile's predictions (calibrated against measured runs); None: no band
+    uncertainty: UncertaintySpec | None = None
 
 
 # ---------------------------------------------------------------------------- cluster
@@ -342,6 +388,11 @@ class PlanSpec(Strict):
     pp_layout: PipelineLayoutSpec | None = None  # default: even split, else balanced (pplayout.py)
     # fp8: the linear layers of attention, experts and dense FFNs run FP8 GEMMs (fwd, dgrad, wgrad)
     precision: Literal["bf16", "fp8"] = "bf16"
+    # token dispatcher of expert parallelism: alltoall sends every (token, expert) copy to its GPU
+    # (Megatron-Core's alltoall dispatcher); deepep sends a token once per destination node over the
+    # network, to the GPU of the same local index, which forwards it over NVLink (DeepEP, DeepSeek-V3
+    # s.3.2.2; Megatron-Core's flex dispatcher); simulator only
+    dispatcher: Literal["alltoall", "deepep"] = "alltoall"
     # tensorwise: per-tensor current scaling (Transformer Engine's default); blockwise: DeepSeek-V3's
     # 1x128 activation tiles and 128x128 weight blocks
     fp8_recipe: Literal["tensorwise", "blockwise"] = "tensorwise"
@@ -403,6 +454,7 @@ class SearchSpace(Strict):
     schedule: list[Literal["1f1b", "interleaved", "zero-bubble", "dualpipev"]] = ["1f1b", "interleaved"]
     precision: list[Literal["bf16", "fp8"]] = ["bf16"]
     fp8_recipe: list[Literal["tensorwise", "blockwise"]] = ["tensorwise"]  # only with precision fp8
+    dispatcher: list[Literal["alltoall", "deepep"]] = ["alltoall"]  # only with ep > 1
 
 
 class NamedPlan(PlanSpec):
@@ -459,7 +511,17 @@ _KIND_MARKERS = {
     "profile": {"peak_tflops", "hbm_bw_GBps", "gemm_efficiency"},
     "model": {"layers", "hidden", "heads", "vocab"},
     "plan": {"tp", "sp", "ep", "etp", "pp", "micro_batch", "overlap", "compression", "schedule"},
+    "published_run": {"measured", "system", "assumptions"},
 }
+
+
+def spec_class(kind: str) -> type[Strict]:
+    """The class of a spec kind; a published run's lives in perfmodel.published (it builds on these)."""
+    if kind == "published_run":
+        from perfmodel.published import PublishedRun
+
+        return PublishedRun
+    return SPEC_CLASSES[kind]
 
 
 def infer_kind(data: Any, where: str) -> str:
@@ -495,7 +557,7 @@ def parse_spec(data: Any, kind: str | None, where: str) -> Strict:
         raise SpecError(f"{where}: is a {found} spec, expected a {kind}")
     kind = kind or found
     try:
-        return SPEC_CLASSES[kind].model_validate(data)
+        return spec_class(kind).model_validate(data)
     except ValidationError as exc:
         raise SpecError(_format_error(exc, where, kind)) from None
     except (TypeError, ValueError, RecursionError) as exc:  # pragma: no cover - defensive
@@ -545,7 +607,7 @@ def with_overrides(spec: Strict, overrides: dict[str, Any], where: str) -> Any:
     if not overrides:
         return spec
     data = deep_merge(spec.model_dump(mode="python"), overrides)
-    if type(spec) is SPEC_CLASSES.get(getattr(spec, "kind", "")):
+    if getattr(spec, "kind", "") in KINDS and type(spec) is spec_class(spec.kind):  # type: ignore[attr-defined]
         return parse_spec(data, spec.kind, where)  # type: ignore[attr-defined]
     try:  # a subclass (NamedPlan) or a nested part: validate as its own class
         return type(spec).model_validate(data)

@@ -123,11 +123,15 @@ def _validate_file(path: str, kind: str | None) -> Strict:
         cluster_profile(spec, path, p.parent)
     elif isinstance(spec, StudySpec):
         check_study(spec, path, p.parent)
+    elif spec.kind == "published_run":  # type: ignore[attr-defined]
+        from perfmodel.published import measured_tokens_per_s
+
+        measured_tokens_per_s(spec, p.parent)  # type: ignore[arg-type]  # resolves model, cluster, plan
     return spec
 
 
 def main_validate(argv: list[str]) -> int:
-    ap = parser("validate", "Check spec YAML files (model, cluster, plan, study, profile). "
+    ap = parser("validate", "Check spec YAML files (model, cluster, plan, study, profile, published_run). "
                 "Exit 0 when all are valid, 2 with one line naming the file and field otherwise.")
     ap.add_argument("files", nargs="+", metavar="FILE", help="YAML spec files (shell globs are expanded by the shell)")
     ap.add_argument("--kind", choices=KINDS, help="expect this kind (default: the file's kind: or inferred from keys)")

@@ -113,6 +113,11 @@ def save(ckpt_dir: Path, step: int, state: dict, rank: int, meta: dict, keep: in
     return final
 
 
+def saved_meta(path: Path) -> dict:
+    """The meta.json `save` wrote: the caller's meta (e.g. its data position) plus `step` and `files`."""
+    return json.loads((path / "meta.json").read_text())
+
+
 def load(path: Path, state: dict, meta: dict) -> int:
     """Load `path` into `state` in place; returns the step it was taken after."""
     saved = json.loads((path / "meta.json").read_text())

@@ -1,6 +1,6 @@
 """`moeperf run`: check a plan against the world size, launch torchrun, summarise the run.
 
-    moeperf run --model tiny-moe --plan plan.yaml --nproc 4 --steps 200 --out runs/x [--data FILES...]
+    moeperf run --model tiny-moe --plan plan.yaml --nproc 4 --steps 200 --out runs/x [--data DIR|FILES...]
 
 The plan is validated with perfmodel.layout.plan_layout *before* anything starts (bad input:
 SpecError -> one line, exit 2). Ranks run `python -m runtime.train` under
@@ -25,6 +25,7 @@ from perfmodel.argparse_util import parser
 from perfmodel.layout import plan_layout
 from perfmodel.specs import SpecError, load_spec
 from runtime import checkpoint
+from runtime.data import check_for_launch
 from runtime.model import check_supported, scale
 from runtime.profiling import parse_steps
 
@@ -38,7 +39,8 @@ def _args(argv: list[str]):
     ap.add_argument("--nproc", type=int, default=None, help="ranks per node (default: the plan's tp*sp*pp*dp)")
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--out", type=Path, default=None, help="run folder (default runs/<model>-<plan>)")
-    ap.add_argument("--data", nargs="+", default=[], help="text files or folders (byte-level tokens); default synthetic")
+    ap.add_argument("--data", nargs="+", default=[],
+                    help="a token folder (moeperf data prepare), or text files/folders read as bytes; default synthetic")
     ap.add_argument("--scale", type=float, default=1.0, help="shrink widths, keeping experts, top-k and GQA ratio")
     ap.add_argument("--layers", type=int, default=None, help="override the model's layer count")
     ap.add_argument("--seq-len", type=int, default=None, help="override the model's sequence length")
@@ -98,14 +100,13 @@ def prepare(a) -> tuple[list[str], Path, int]:
         raise SpecError(f"--nnodes: {a.nnodes!r} is not N or MIN:MAX") from None
     layout = plan_layout(plan, model, nproc * nnodes)  # SpecError naming the failing constraint
     check_supported(plan, layout.microbatches)
-    for p in a.data:
-        if not Path(p).exists():
-            raise SpecError(f"--data: {p}: no such file or folder")
     out = a.out or Path("runs") / f"{model.name}-{plan.name}"
     if a.resume and not (out / "ckpt").is_dir():
         raise SpecError(f"--resume: {out}/ckpt has no checkpoint to resume from")
     if a.resume and checkpoint.latest_good(out / "ckpt", log=False) is None:  # SpecError if all are corrupt
         raise SpecError(f"--resume: {out}/ckpt has no complete checkpoint to resume from")
+    found = checkpoint.latest_good(out / "ckpt", log=False) if a.resume else None
+    check_for_launch(a.data, model, plan.global_batch, a.seed, found and checkpoint.saved_meta(found), str(found))
     atomic.write_text(out / "model.yaml", model.model_dump_json(indent=1) + "\n")  # JSON is YAML
     atomic.write_text(out / "plan.yaml", plan.model_dump_json(indent=1) + "\n")
     shutil.rmtree(out / "failures", ignore_errors=True)

@@ -88,6 +88,9 @@ class Stage(nn.Module):
         self.last = hi == spec.layers if last is None else last
         if spec.tie_embeddings and not (self.first and self.last):
             raise SpecError("model.tie_embeddings: not supported with pipeline parallelism (pp>1); untie them")
+        if not spec.gated_ffn:
+            raise SpecError("model.gated_ffn: false (two-matrix FFN) is simulated only; the runtime builds SwiGLU "
+                            "FFNs: set gated_ffn: true to run it")
         if self.first:
             self.embed = make_param("embed", (spec.vocab, spec.hidden), seed, 0.02)
         self.layers = nn.ModuleDict({str(i): Block(spec, plan, par, i, seed) for i in range(lo, hi)})
@@ -145,6 +148,9 @@ def check_supported(plan: PlanSpec, microbatches: int | None = None) -> None:
                         f"micro-batches per replica, got {microbatches}; raise global_batch or lower micro_batch")
     if plan.etp != 1:
         raise SpecError(f"plan.etp: {plan.etp}: expert tensor parallelism is not supported by the runtime; use etp: 1")
+    if plan.dispatcher != "alltoall":
+        raise SpecError(f"plan.dispatcher: {plan.dispatcher}: the runtime dispatches with all-to-all only (the "
+                        f"node-deduplicating deepep dispatcher is simulated, not run); use dispatcher: alltoall")
     if plan.schedule in pplayout.V_SCHEDULES and plan.overlap.inter_op:
         # the split backward recomputes weight gradients through autograd from each weight's first
         # consumer node; the deferred-wgrad expert Function (runtime.overlap.experts) returns None for

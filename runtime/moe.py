@@ -157,6 +157,7 @@ class MoE(nn.Module):
         assert moe is not None
         self.par, self.expert_fn = par, expert_fn
         self.E, self.k, self.seq_len = moe.experts, moe.top_k, spec.seq_len
+        self.expert_groups, self.groups_per_token = moe.expert_groups, moe.groups_per_token
         self.coeff, self.global_batch = moe.aux_loss_coeff, global_batch
         ep, ei = par.size("ep"), par.index("ep")
         self.ep, self.El = ep, moe.experts // ep
@@ -260,13 +261,26 @@ class MoE(nn.Module):
         """precision fp8 + FP8 dispatch: send tokens as fc1's FP8 input (see the module docstring)."""
         return self.fp8 is not None and self.wire[0] == "fp8" and self.ep > 1
 
+    def _group_limited(self, probs: torch.Tensor) -> torch.Tensor:
+        """Group-limited routing (DeepSeek-V2/V3): keep the experts of each token's best
+        `groups_per_token` groups (a group scores its best expert), zero the rest before top-k."""
+        if not self.groups_per_token:
+            return probs
+        t, e = probs.shape
+        grouped = probs.view(t, self.expert_groups, e // self.expert_groups)
+        best = torch.topk(grouped.amax(-1), self.groups_per_token, dim=-1).indices
+        keep = torch.zeros(t, self.expert_groups, 1, dtype=probs.dtype, device=probs.device)
+        keep.scatter_(1, best.unsqueeze(-1), 1.0)
+        return (grouped * keep).view(t, e)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, s, h = x.shape
         t = x.reshape(-1, h)
         n = t.shape[0]
         with span("moe.router/fwd"):
             probs = torch.softmax(F.linear(t.float(), self.router.float()), dim=-1)
-            w, idx = torch.topk(probs, self.k, dim=-1)
+            w, idx = torch.topk(self._group_limited(probs), self.k, dim=-1)
+            w = probs.gather(-1, idx)
             w = w / w.sum(-1, keepdim=True)
             aux = self._aux(probs, idx, b)
         # token chunks (intra-op overlap): chunk c+1's dispatch and chunk c-1's combine are in

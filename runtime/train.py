@@ -3,8 +3,8 @@
 Real distributed training of a plan: AdamW with fp32 masters, warmup + cosine LR, gradient
 clipping, fp32 on CPU (gloo) / bf16 autocast on GPU (NCCL). Rank 0 prints one progress line per
 step and appends metrics to <out>/metrics.jsonl; checkpoints go to <out>/ckpt/step_<n>/.
-Iteration n's data and everything else is a function of (seed, n) plus the checkpointed state, so
-`--resume` continues bit-for-bit.
+Iteration n's data and everything else is a function of (seed, n) plus the checkpointed state (which
+holds the data position: runtime/data.py), so `--resume` continues bit-for-bit.
 
 A step is `forward_backward` then `optimizer_step` (benchmarks/runtime_gpu.py and
 tests/runtime/test_host_syncs.py run the same two functions). Neither reads anything back from the
@@ -34,7 +34,7 @@ from perfmodel.argparse_util import parser
 from perfmodel.layout import plan_layout
 from perfmodel.specs import ModelSpec, PlanSpec, load_spec
 from runtime import checkpoint, comm, faults
-from runtime.data import Data, local_batch
+from runtime.data import open_data, step_batch
 from runtime.groups import Parallel, build_parallel
 from runtime.model import build_stages, check_supported, lm_loss, scale
 from runtime.optim import ShardedAdamW, lr_at
@@ -186,11 +186,10 @@ def optimizer_step(run: Run, lr: float, clip: float, after_sync=None) -> torch.T
 def train(cfg: TrainConfig, par: Parallel, device: torch.device) -> list[dict]:
     run = setup(cfg, par, device)
     spec, plan, stages, modules, opt = run.spec, run.plan, run.stages, run.modules, run.opt
-    data = Data.from_files(cfg.data, spec.vocab, spec.seq_len, plan.global_batch, cfg.seed) if cfg.data \
-        else Data(spec.vocab, spec.seq_len, plan.global_batch, cfg.seed)
+    data = open_data(cfg.data, spec.vocab, spec.seq_len, plan.global_batch, cfg.seed)
     global_tokens = run.global_tokens
     meta = {"world": par.world, "plan": plan.model_dump(mode="json"), "model": spec.model_dump(mode="json"),
-            "seed": cfg.seed}
+            "seed": cfg.seed, "data": data.identity()}
     state = {f"r{par.rank}": {"model": {p.full_name: p.data for m in modules for p in m.parameters()},
                               "optim": opt.state(), "rng": torch.get_rng_state()}}
     start, metrics_path, records = 0, None, []
@@ -198,6 +197,8 @@ def train(cfg: TrainConfig, par: Parallel, device: torch.device) -> list[dict]:
     if cfg.out:
         metrics_path = cfg.out / "metrics.jsonl"
     if cfg.resume and ckpt_dir and (found := checkpoint.latest_good(ckpt_dir, log=par.rank == 0)):
+        saved = checkpoint.saved_meta(found)  # the data position first: a resume on other data is refused
+        data.resume(saved.get("data"), saved.get("data_position"), int(saved["step"]), str(found))
         start = checkpoint.load(found, state, meta)
         opt.after_load()
         torch.set_rng_state(state[f"r{par.rank}"]["rng"])
@@ -216,7 +217,7 @@ def train(cfg: TrainConfig, par: Parallel, device: torch.device) -> list[dict]:
         t0 = time.perf_counter()
         if cfg.inject_failure == (par.rank, step):
             raise RuntimeError(f"injected failure at step {step}")
-        inputs, targets = to_device(local_batch(data.batch(step), par), device)
+        inputs, targets = to_device(step_batch(data, step, par), device)
         loss = forward_backward(run, inputs, targets)
         faults.point("step", par.rank, step)  # MOEPERF_FAULT (tests): die mid-step
 
@@ -235,6 +236,7 @@ def train(cfg: TrainConfig, par: Parallel, device: torch.device) -> list[dict]:
         rec = {"step": step, "loss": stats["loss"], "aux_loss": stats["aux_loss"], "grad_norm": stats["grad_norm"],
                "lr": lr_at(step, cfg.lr, cfg.warmup, cfg.steps), "tokens_per_s": global_tokens / dt,
                "step_time_s": dt, "max_tokens_per_expert": stats["max_tokens_per_expert"],
+               "consumed_samples": data.position(step)["consumed_samples"],
                **{k: stats[k] for k in ("a2a_bytes", "a2a_fwd_bytes", "grad_sync_bytes")}}
         loss_v, aux_v, max_tpe = stats["loss"], stats["aux_loss"], stats["max_tokens_per_expert"]
         records.append(rec)
@@ -247,7 +249,7 @@ def train(cfg: TrainConfig, par: Parallel, device: torch.device) -> list[dict]:
                       f"step {dt:.3f}s max_tok/expert {max_tpe}", flush=True)
         if ckpt_dir and cfg.ckpt_every and (step % cfg.ckpt_every == 0 or step == cfg.steps):
             state[f"r{par.rank}"]["rng"] = torch.get_rng_state()
-            checkpoint.save(ckpt_dir, step, state, par.rank, meta)
+            checkpoint.save(ckpt_dir, step, state, par.rank, {**meta, "data_position": data.position(step)})
     prof.close()
     return records
 

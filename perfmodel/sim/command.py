@@ -47,14 +47,16 @@ def _study_jobs(path: str) -> list[tuple[Any, Any, Any, Any]]:
     return jobs
 
 
-def _table(results: list[Any]) -> None:
+def _table(results: list[Any], bands: list[Any]) -> None:
+    from perfmodel.uncertainty import describe, fmt_tokens
+
     cols = ["plan", "step s", "tokens/s", "MFU", "compute s", "exp. comm s", "bubble s", "grad sync s",
             "optim s", "mem GiB", "fits"]
     rows = []
-    for r in results:
+    for r, unc in zip(results, bands, strict=True):
         b = r.breakdown
         mem = r.memory_GiB.get("total")
-        rows.append([r.name, f"{r.step_time_s:.3f}", f"{r.tokens_per_s:,.0f}", f"{r.mfu:.1%}",
+        rows.append([r.name, f"{r.step_time_s:.3f}", fmt_tokens(r.tokens_per_s, unc), f"{r.mfu:.1%}",
                      f"{b['compute_s']:.3f}", f"{b['exposed_comm_s']:.3f}", f"{b['bubble_s']:.3f}",
                      f"{b['grad_sync_s']:.3f}", f"{b['optimizer_s']:.3f}",
                      "-" if mem is None else f"{mem:.1f}/{r.memory_GiB.get('capacity', 0):.1f}",
@@ -66,13 +68,15 @@ def _table(results: list[Any]) -> None:
         print("  ".join(cols))
         for row in rows:
             print("  ".join(row))
-        return
-    t = Table(title="moeperf simulate: one training iteration")
-    for i, c in enumerate(cols):
-        t.add_column(c, justify="left" if i == 0 else "right")
-    for row in rows:
-        t.add_row(*row)
-    Console(width=160).print(t)
+    else:
+        t = Table(title="moeperf simulate: one training iteration")
+        for i, c in enumerate(cols):
+            t.add_column(c, justify="left" if i == 0 else "right")
+        for row in rows:
+            t.add_row(*row)
+        Console(width=160).print(t)
+    for note in dict.fromkeys(describe(unc) for unc in bands):  # one line per distinct profile band
+        print(f"tokens/s: {note}")
 
 
 def main(argv: list[str]) -> int:
@@ -113,7 +117,7 @@ def main(argv: list[str]) -> int:
         out: Any = [r.to_json() for r in results] if a.study else results[0].to_json()
         sys.stdout.write(json.dumps(out, indent=1, sort_keys=True) + "\n")
     else:
-        _table(results)
+        _table(results, [(profile or cluster.profile()).uncertainty for _m, cluster, _p, profile in jobs])
         if a.trace:
             print(f"trace: {a.trace}")
     return 0

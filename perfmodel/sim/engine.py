@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 from perfmodel.collectives import CollectiveCost, collective_cost, latency_steps
 from perfmodel.hardware import Hardware
-from perfmodel.layout import rank_group_index, rank_groups
+from perfmodel.layout import group_count, group_of_rank
 from perfmodel.opgraph import Op, OpGraph
 from perfmodel.pplayout import StageLayout
 from perfmodel.sim.layer import LayerRun, run_layer
@@ -36,6 +36,7 @@ from perfmodel.sim.result import SimResult
 from perfmodel.sim.timeline import build_timeline
 from perfmodel.specs import ClusterSpec, CollectiveFit, ModelSpec, PlanSpec, ProfileSpec, check_precision
 from perfmodel.topology import Topology, topology_for
+from perfmodel.uncertainty import band
 
 _GRAPHS: dict[tuple[str, str, int], OpGraph] = {}
 _RUNS: dict[tuple, tuple] = {}  # (layer graph, profile, topology, (fwd, bwd) LayerRuns): objects pin their ids
@@ -55,28 +56,33 @@ def _graph(model: ModelSpec, plan: PlanSpec, world: int) -> OpGraph:
 @dataclass
 class _Ctx:
     topo: Topology
-    groups: dict[str, tuple[tuple[int, ...], ...]]
-    index: dict[str, dict[int, tuple[int, ...]]]  # kind -> rank -> its group (layout.rank_group_index)
+    plan: PlanSpec
+    world: int
     reps: tuple[int, ...]  # representative rank of each stage
     fits: dict[str, CollectiveFit]  # calibrated alpha-beta per "collective.group" or "collective"
     exponent: float = 1.0  # calibrated latency growth with group size (ProfileSpec.latency_exponent)
     memo: dict[tuple, CollectiveCost] = field(default_factory=dict)
 
     def group(self, kind: str, stage: int) -> tuple[int, ...]:
-        return self.index[kind][self.reps[stage]]
+        # closed form (layout.group_of_rank): only the representatives' groups exist, never the world's
+        return group_of_rank(self.plan, self.world, kind, self.reps[stage])
+
+    def n_groups(self, kind: str) -> int:
+        return group_count(self.plan, self.world, kind)
 
     def cost(self, op: Op, stage: int = 0) -> CollectiveCost:
         g = self.group(op.group or "", stage)
         # the cost depends on the collective, its group and the imbalance only (bytes are applied by
         # the caller): one evaluation per distinct triple (gradient syncs repeat on every rank)
-        key = (op.collective, op.group, op.imbalance, g, op.bytes > 0)
+        key = (op.collective, op.group, op.imbalance, g, op.bytes > 0, op.routing)
         hit = self.memo.get(key)
         if hit is None:
             hit = self.memo[key] = self._cost(op, g)
         return hit
 
     def _cost(self, op: Op, g: tuple[int, ...]) -> CollectiveCost:
-        cost = collective_cost(self.topo, op.collective or "", g, op.imbalance, len(self.groups[op.group or ""]))
+        cost = collective_cost(self.topo, op.collective or "", g, op.imbalance, self.n_groups(op.group or ""),
+                               op.routing)
         fit = self.fits.get(f"{op.collective}.{op.group}") or self.fits.get(op.collective or "")
         if fit is None or op.bytes <= 0:
             return cost
@@ -165,8 +171,7 @@ def simulate(model: ModelSpec, cluster: ClusterSpec, plan: PlanSpec, profile: Pr
     L = graph.layout
     hw = Hardware.of(profile)
     topo = topology_for(cluster, profile)
-    index = rank_group_index(plan, world)
-    ctx = _Ctx(topo, rank_groups(plan, world), index, index["pp"][0], profile.collectives, profile.latency_exponent)
+    ctx = _Ctx(topo, plan, world, group_of_rank(plan, world, "pp", 0), profile.collectives, profile.latency_exponent)
 
     runs: dict[str, tuple[LayerRun, LayerRun]] = {}
     for kind, lg in graph.layers.items():
@@ -208,7 +213,7 @@ def simulate(model: ModelSpec, cluster: ClusterSpec, plan: PlanSpec, profile: Pr
 
     p2p_s = 0.0
     if L.pp > 1:
-        c = collective_cost(topo, "send_recv", (ctx.reps[0], ctx.reps[1]), 1.0, len(ctx.groups["pp"]))
+        c = collective_cost(topo, "send_recv", (ctx.reps[0], ctx.reps[1]), 1.0, ctx.n_groups("pp"))
         p2p_s = c.time_s(graph.pp_bytes)
     m = L.microbatches
     slow = profile.comm_compute_slowdown
@@ -269,9 +274,11 @@ def simulate(model: ModelSpec, cluster: ClusterSpec, plan: PlanSpec, profile: Pr
                      "layers_per_stage": [hi - lo for lo, hi in st.ranges]},
         "collectives": {op.event: ctx.cost(op).algorithm for op in graph.layers[main].ops if op.kind == "comm"},
     }
-    res = SimResult(step_time_s=step, tokens_per_s=graph.tokens_per_iteration() / step, mfu=mfu,
+    tokens_per_s = graph.tokens_per_iteration() / step
+    low, high = band(tokens_per_s, profile.uncertainty)
+    res = SimResult(step_time_s=step, tokens_per_s=tokens_per_s, mfu=mfu,
                     breakdown=breakdown, memory_GiB=memory, fits=fits, name=plan.name,
-                    plan=plan.model_dump(mode="json"), details=details)
+                    plan=plan.model_dump(mode="json"), details=details, tokens_per_s_low=low, tokens_per_s_high=high)
     if trace:
         res.timeline = build_timeline(pipe, runs[main], syncs, totals, ctx, graph)
     return res

@@ -1,5 +1,7 @@
 """What one simulated iteration reports. The JSON keys are a DESIGN.md contract:
-`step_time_s, tokens_per_s, mfu, breakdown, memory_GiB` (+ name, plan, details).
+`step_time_s, tokens_per_s, tokens_per_s_low, tokens_per_s_high, mfu, breakdown, memory_GiB`
+(+ name, plan, details); low/high are the profile's error band (perfmodel.uncertainty), null
+when the profile has none.
 """
 
 from __future__ import annotations
@@ -44,9 +46,13 @@ class SimResult:
     plan: dict[str, Any] = field(default_factory=dict)
     details: dict[str, Any] = field(default_factory=dict)  # per-op times of a layer, comm volumes, ...
     timeline: list[TraceEvent] = field(default_factory=list)
+    # the profile's error band on tokens_per_s (perfmodel.uncertainty.band); None: no calibrated band
+    tokens_per_s_low: float | None = None
+    tokens_per_s_high: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         """Deterministic, JSON-ready dict (floats rounded so output is byte-stable)."""
         return stable({"name": self.name, "step_time_s": self.step_time_s, "tokens_per_s": self.tokens_per_s,
+                  "tokens_per_s_low": self.tokens_per_s_low, "tokens_per_s_high": self.tokens_per_s_high,
                   "mfu": self.mfu, "breakdown": self.breakdown, "memory_GiB": self.memory_GiB,
                   "fits": self.fits, "plan": self.plan, "details": self.details})

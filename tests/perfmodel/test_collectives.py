@@ -94,3 +94,37 @@ def test_concurrent_groups_share_the_spine():
     four = collective_cost(t, "send_recv", (0, 2), n_groups=4)
     assert alone.link_class == "nic" and four.link_class == "spine"
     assert four.s_per_byte == pytest.approx(2 * alone.s_per_byte)
+
+
+def test_distinct_nodes_per_token():
+    from perfmodel.collectives import distinct_nodes_per_token
+
+    assert distinct_nodes_per_token(1, 8) == pytest.approx(1.0)
+    assert distinct_nodes_per_token(8, 8) == pytest.approx(8 * (1 - (7 / 8) ** 8))  # 5.25 of 8 nodes
+    # DeepSeek-V3: 8 groups (a node each), a token's experts from its best 4: at most 4 nodes
+    assert distinct_nodes_per_token(8, 8, 8, 4) == pytest.approx(4 * (1 - 0.75 ** 8))
+    assert distinct_nodes_per_token(8, 8, 8, 4) <= 4
+    # 4 groups over 8 nodes: a group spans 2 nodes, 2 groups -> 4 eligible nodes
+    assert distinct_nodes_per_token(6, 8, 4, 2) == pytest.approx(4 * (1 - 0.75 ** 6))
+
+
+def test_deepep_sends_each_token_once_per_node_over_the_network():
+    t = _topo(nodes=4)
+    g = tuple(range(32))
+    routing = (8, 4, 2)  # top-8 from 2 of 4 groups: each group is one node here
+    algo, (ph,) = expand("all_to_all", g, t, routing=routing)
+    assert algo == "deepep"
+    inter = sum(f.bytes for f in ph.flows if f.src == 5 and f.src // 8 != f.dst // 8)
+    intra = sum(f.bytes for f in ph.flows if f.src == 5 and f.src // 8 == f.dst // 8)
+    # expected remote nodes per token / top_k of the payload crosses the network, all to rank 5's rail peers
+    remote = 2 * (1 - 0.5 ** 8) * 3 / 4
+    assert inter == pytest.approx(remote / 8)
+    assert {f.dst % 8 for f in ph.flows if f.src == 5 and f.src // 8 != f.dst // 8} == {5}
+    assert intra == pytest.approx(7 / 8)
+    flat = collective_cost(t, "all_to_all", g)
+    dedup = collective_cost(t, "all_to_all", g, routing=routing)
+    assert dedup.s_per_byte < 0.5 * flat.s_per_byte  # 1.1 vs 6 of 8 copies per token on the NICs
+    # without group-limited routing the network still carries one copy per node, not per expert
+    assert collective_cost(t, "all_to_all", g, routing=(8, 1, 0)).s_per_byte < flat.s_per_byte
+    # a group inside one node has nothing to deduplicate: the plain pairwise exchange
+    assert expand("all_to_all", tuple(range(8)), t, routing=routing)[0] == "pairwise"

@@ -60,7 +60,12 @@ def test_compare_closes_the_loop_on_two_ranks(tmp_path, capsys):
                  "pred_vs_measured.png", "per_op_scatter.png", "timeline.json"):
         assert (out / name).is_file(), name
     rows = (out / "per_step.csv").read_text().splitlines()
-    assert rows[0] == "plan,held_out,predicted_s,measured_s,error_pct,repeats,measured_spread_pct" and len(rows) == 4
+    assert rows[0] == ("plan,held_out,predicted_s,measured_s,error_pct,repeats,measured_spread_pct,"
+                       "predicted_tokens_per_s,tokens_per_s_low,tokens_per_s_high,measured_tokens_per_s")
+    assert len(rows) == 4
+    # one held-out plan: no band, and the summary says why
+    assert summary["uncertainty"] is None and "needs >= 2 held-out" in summary["band"]
+    assert all(r.split(",")[8:10] == ["", ""] for r in rows[1:])
     assert all(r.split(",")[5] == "2" for r in rows[1:])
     assert len((out / "per_op.csv").read_text().splitlines()) > 10
     prof = (out / "profile.yaml").read_text()

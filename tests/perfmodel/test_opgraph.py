@@ -18,7 +18,11 @@ def _attn_flops(m: ModelSpec, seqs: int) -> float:
     return m.layers * seqs * m.heads * 2 * m.seq_len**2 * (m.qk_head_dim + m.v_head_dim) * 0.5 * 3.5
 
 
-@pytest.mark.parametrize("model", [MIXTRAL, DENSE])
+# two-matrix FFNs (gated_ffn: false, e.g. squared ReLU): params and op FLOPs both drop the gate
+NON_GATED = [m.model_copy(update={"gated_ffn": False}) for m in (MIXTRAL, DENSE)]
+
+
+@pytest.mark.parametrize("model", [MIXTRAL, DENSE, *NON_GATED])
 @pytest.mark.parametrize("plan", [dict(), dict(sp=8, ep=8), dict(tp=4, ep=2, pp=2), dict(tp=2, sp=2, ep=4, etp=2)])
 def test_flops_match_6_n_tokens(model, plan):
     if model.moe is None:

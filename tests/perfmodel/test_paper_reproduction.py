@@ -1,7 +1,8 @@
 """The default study reproduces MegaScale-MoE's headline (arXiv 2505.11432 Table 3, 1,440 GPUs)
-within +-10 %. The Hopper presets' efficiency constants were fitted on the 240-GPU points only
-(benchmarks/calibrate_from_paper.py), so these are held-out figures: a change to the simulator
-or the op graph that moves them is caught here (re-run the script and update the presets)."""
+within +-10 %. The Hopper presets' production constants are fitted on 25 published runs, these among
+them (moeperf calibrate --published studies/published), so the figures are in-sample: a change to the
+simulator or the op graph that moves them is caught here (regenerate the presets with
+`moeperf calibrate --published studies/published --write-presets`)."""
 
 import pytest
 

@@ -10,8 +10,8 @@ from perfmodel.validate import main_presets, validate_file
 
 EXPECTED = {
     "model": {"deepseek-v3", "megascale-moe-352b", "mixtral-8x7b", "mixtral-8x22b", "qwen3-moe-235b-a22b", "qwen2-57b-a14b",
-              "tiny-moe", "moe-1b"},
-    "cluster": {"megascale-1440", "h100-dgx-8", "h100-dgx-64", "h100-dgx-1024", "cpu-local-4"},
+              "tiny-moe", "moe-1b", "llama3-405b", "nemotron-4-340b", "nemotron-4-15b", "deepseek-v2"},
+    "cluster": {"megascale-1440", "h100-dgx-8", "h100-dgx-64", "h100-dgx-1024", "cpu-local-4", "meta-h100-roce-16384"},
     "profile": {"h100-sxm", "h800", "h200", "cpu"},
 }
 ALL = [(k, n) for k in EXPECTED for n in sorted(EXPECTED[k])]
@@ -24,6 +24,10 @@ PUBLISHED = {
     "qwen3-moe-235b-a22b": (235e9, 22e9),  # arXiv 2505.09388
     "qwen2-57b-a14b": (57e9, 14e9),  # arXiv 2407.10671
     "megascale-moe-352b": (352e9, None),  # arXiv 2505.11432 (title); shape from its Table 2
+    "llama3-405b": (405e9, None),  # arXiv 2407.21783 (dense)
+    "nemotron-4-340b": (340e9, None),  # arXiv 2406.11704 (dense, squared-ReLU FFN: gated_ffn false)
+    "nemotron-4-15b": (15.7e9, None),  # arXiv 2402.16819 (3.2B embedding + 12.5B non-embedding)
+    "deepseek-v2": (236e9, 21e9),  # arXiv 2405.04434
 }
 # the paper's own Table 2 shape counts 341.3B by the standard count: 3.04 % under its title
 TOLERANCE = {"megascale-moe-352b": 0.031}

@@ -202,3 +202,19 @@ def test_error_is_one_line_even_for_keys_with_newlines(tmp_path):
     study = ("kind: study\nmodel: tiny-moe\ncluster: cpu-local-4\nplans: [{name: a}]\n"
              'variants: [{name: v, cluster: {"x\\ny": 1}}]\n')
     bad(tmp_path, study, "unknown key")
+
+
+def test_group_limited_routing_and_dispatcher_fields():
+    import pytest as _pytest
+
+    from perfmodel.specs import MoESpec, PlanSpec, SpecError
+    from runtime.model import check_supported
+
+    ok = MoESpec(experts=256, top_k=8, expert_ffn_hidden=2048, expert_groups=8, groups_per_token=4)
+    assert ok.groups_per_token == 4
+    for bad in ({"expert_groups": 7}, {"expert_groups": 8, "groups_per_token": 9},
+                {"expert_groups": 64, "groups_per_token": 1}):  # 1 group of 4 experts < top_k 8
+        with _pytest.raises(ValueError):
+            MoESpec(experts=256, top_k=8, expert_ffn_hidden=2048, **bad)
+    with _pytest.raises(SpecError, match="plan.dispatcher"):
+        check_supported(PlanSpec(ep=2, dispatcher="deepep"))

@@ -41,7 +41,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_all_presets_validate(capsys):
-    assert len(PRESET_FILES) == 17
+    assert len(PRESET_FILES) == 22
     assert main(["validate", *PRESET_FILES]) == 0
     out = capsys.readouterr().out.splitlines()
     assert len(out) == len(PRESET_FILES) and all(line.startswith("ok ") for line in out)

@@ -87,3 +87,10 @@ def test_1f1b_with_fewer_microbatches_than_stages_is_refused_before_launch():
     with pytest.raises(SpecError, match="plan.global_batch: the runtime's 1f1b"):
         check_supported(PlanSpec(pp=4, global_batch=2), microbatches=2)
     check_supported(PlanSpec(pp=4, global_batch=4), microbatches=4)
+
+
+def test_non_gated_ffn_is_refused():
+    # gated_ffn: false (a two-matrix FFN) is priced by the simulator; the runtime builds SwiGLU only
+    spec = MODEL.model_copy(update={"gated_ffn": False})
+    with pytest.raises(SpecError, match="model.gated_ffn"):
+        Stage(spec, PlanSpec(pp=2), pp_rank(0), 0, 2, 0)
