@@ -1,6 +1,6 @@
 """Search on Ray (`--executor ray`): the same report bytes as `--jobs 1`, every plan exactly once
 even when a worker is killed mid-search, and one-line failures for a missing Ray or a bad
-address. One local Ray instance with 2 CPUs serves the whole session (its startup is slow)."""
+address. One local Ray instance with 2 CPUs serves the module (its startup is slow)."""
 
 from __future__ import annotations
 
@@ -24,9 +24,11 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_local():
-    """A local Ray instance (2 CPUs, no dashboard) for the session; CI must have Ray installed."""
+    """One local Ray instance (2 CPUs, no dashboard) shared by this module's tests and shut down
+    after them, so no Ray threads live on in the process while later tests fork pools; CI must
+    have Ray installed."""
     if os.environ.get("CI"):
         import ray
     else:
