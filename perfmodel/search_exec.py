@@ -223,7 +223,6 @@ class RayExecutor(Executor):
             # Ray's own logging and the workers' output stay off this terminal (its files are in the
             # session's log folder): the search's table/JSON is the only output
             quiet = {"log_to_driver": False, "logging_level": logging.ERROR, "configure_logging": True}
-            os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "error")  # its C++ side writes to stderr too
             os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage report leaves the machine
             try:
                 _check_reachable(address)

@@ -4,6 +4,7 @@ address. One local Ray instance with 2 CPUs serves the module (its startup is sl
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -22,6 +23,27 @@ from perfmodel.search_cli import study_variants
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
+
+
+def test_cli_on_its_own_local_ray_is_quiet_and_byte_identical_to_jobs_1(tmp_path, capsys):
+    """As a user runs it: a fresh process starts its own local Ray (before this module's instance
+    exists); stdout is the JSON alone, stderr empty, the files those of --jobs 1."""
+    pytest.importorskip("ray")
+    study = tmp_path / "tiny.yaml"
+    study.write_text(STUDY_YAML)
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    proc = subprocess.run([sys.executable, "-m", "perfmodel.cli", "search", str(study), "--out", str(tmp_path / "r"),
+                           "--executor", "ray", "--jobs", "2", "--json", "--top", "3"],
+                          capture_output=True, text=True, timeout=240, cwd=tmp_path, env=env)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    assert json.loads(proc.stdout)["evaluated"] > 10
+    assert cli.main(["search", str(study), "--out", str(tmp_path / "l"), "--jobs", "1", "--quiet", "--json",
+                     "--top", "3"]) == 0
+    files = sorted(p.name for p in (tmp_path / "l").iterdir())
+    assert "plans.csv" in files and "report.html" in files
+    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == files
+    for name in files:
+        assert (tmp_path / "r" / name).read_bytes() == (tmp_path / "l" / name).read_bytes(), name
 
 
 @pytest.fixture(scope="module")
@@ -105,20 +127,6 @@ def test_a_killed_worker_loses_no_plan_and_counts_none_twice(ray_local, referenc
         time.sleep(0.1)
     assert err.startswith("moeperf search: warning: Ray: A worker died"), err
     assert all(line.startswith("moeperf search: warning: Ray:") for line in err.splitlines()), err
-
-
-def test_cli_search_on_ray_writes_byte_identical_files_to_jobs_1(ray_local, tmp_path, capsys):
-    study = tmp_path / "tiny.yaml"
-    study.write_text(STUDY_YAML)
-    assert cli.main(["search", str(study), "--out", str(tmp_path / "r"), "--executor", "ray", "--quiet",
-                     "--json", "--top", "3"]) == 0
-    assert cli.main(["search", str(study), "--out", str(tmp_path / "l"), "--jobs", "1", "--quiet", "--json",
-                     "--top", "3"]) == 0
-    files = sorted(p.name for p in (tmp_path / "l").iterdir())
-    assert "plans.csv" in files and "report.html" in files
-    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == files
-    for name in files:
-        assert (tmp_path / "r" / name).read_bytes() == (tmp_path / "l" / name).read_bytes(), name
 
 
 @pytest.mark.parametrize("args", [["--address", "1.2.3.4:5"], ["--executor", "ray", "--address", "not an address"],
