@@ -5,4 +5,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install -q --upgrade pip
 python -m pip install -q "torch==2.13.0" || python -m pip install -q "torch>=2.11,<2.15"
-python -m pip install -q -e ".[runtime,test]"
+python -m pip install -q -e ".[runtime,test,distributed]"

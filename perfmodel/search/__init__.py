@@ -15,20 +15,21 @@ status, and none is dropped silently:
 Combinations that differ only in a field with no effect (chunks without intra-op overlap,
 dispatch/combine precision without expert parallelism) are merged into one candidate.
 
-Determinism: candidates are evaluated in a fixed order (fixed plans, then by lower bound)
-in fixed-size batches; pruning decisions are taken between batches from results in that
-order, so the outcome never depends on --jobs or on timing.
+Determinism: each variant's candidates are evaluated in a fixed order (fixed plans, then by
+lower bound) in fixed-size rounds; pruning decisions are taken between a variant's rounds from
+its results in that order, so the outcome never depends on --jobs, the executor (local
+processes or Ray, perfmodel/search/executors.py) or timing. Variants' rounds run side by side.
 """
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from perfmodel.search.executors import Executor, ExecutorError, make_executor
 from perfmodel.search.space import enumerate_space, plan_name, space_size  # noqa: F401 (re-exported)
 from perfmodel.sim.hardware import Hardware
 from perfmodel.sim.opgraph import OpGraph
@@ -149,7 +150,6 @@ def _bound_key(p: PlanSpec) -> tuple:
 # ------------------------------------------------------------------------ evaluation
 SimulateFn = Callable[..., Any]
 MemoryFn = Callable[..., Any] | None
-_WORKER: dict[str, Any] = {}
 
 
 def default_simulate() -> SimulateFn:
@@ -164,55 +164,6 @@ def default_memory() -> MemoryFn:
     except ImportError:
         return None
     return estimate_memory
-
-
-def summarize(res: Any) -> dict[str, Any]:
-    """The picklable, JSON-ready part of a SimResult that search and report use."""
-    return {"step_time_s": float(res.step_time_s), "tokens_per_s": float(res.tokens_per_s),
-            "mfu": float(res.mfu), "breakdown": {k: float(v) for k, v in sorted(res.breakdown.items())},
-            "memory_GiB": {k: float(v) for k, v in sorted(res.memory_GiB.items())}, "fits": bool(res.fits)}
-
-
-def _init_worker(parts: dict[str, VariantParts], simulate_fn: SimulateFn) -> None:
-    _WORKER["parts"], _WORKER["fn"] = parts, simulate_fn
-
-
-def _evaluate(task: tuple[int, str, PlanSpec]) -> tuple[int, str, Any]:
-    idx, variant, plan = task
-    v: VariantParts = _WORKER["parts"][variant]
-    try:
-        return idx, "ok", summarize(_WORKER["fn"](v.model, v.cluster, plan, v.profile))
-    except SpecError as exc:
-        return idx, "error", " ".join(str(exc).split())
-    except Exception as exc:  # noqa: BLE001 - one plan's simulator failure must not end the search
-        return idx, "error", " ".join(f"simulator failed: {type(exc).__name__}: {exc}".split())
-
-
-class _Pool:
-    """jobs=1 runs in this process; otherwise a fork pool with chunked, order-preserving map."""
-
-    def __init__(self, jobs: int, parts: dict[str, VariantParts], fn: SimulateFn):
-        self.jobs = jobs
-        _init_worker(parts, fn)
-        self.pool = None
-        if jobs > 1:
-            methods = multiprocessing.get_all_start_methods()
-            ctx = multiprocessing.get_context("fork" if "fork" in methods else None)
-            self.pool = ctx.Pool(jobs, initializer=_init_worker, initargs=(parts, fn))
-
-    def map(self, tasks: list[tuple[int, str, PlanSpec]]) -> list[tuple[int, str, Any]]:
-        if self.pool is None:
-            return [_evaluate(t) for t in tasks]
-        chunk = max(1, -(-len(tasks) // (self.jobs * 3)))
-        return self.pool.map(_evaluate, tasks, chunksize=chunk)
-
-    def close(self, ok: bool = True) -> None:
-        if self.pool is not None:
-            if ok:
-                self.pool.close()
-            else:  # interrupted or failed: do not wait for the workers' queued chunks
-                self.pool.terminate()
-            self.pool.join()
 
 
 def _apply(row: Row, status: str, payload: Any) -> None:
@@ -282,17 +233,21 @@ def _prepare(study: StudySpec, v: VariantParts, start: int, memory_fn: MemoryFn,
 def run_search(study: StudySpec, variants: list[VariantParts], *, jobs: int | None = None,
                simulate_fn: SimulateFn | None = None, memory_fn: MemoryFn | str = "default",
                keep_top: int = 10, prune: bool = True, batch: int = BATCH,
-               progress: Callable[[int, int], None] | None = None) -> SearchResult:
+               progress: Callable[[int, int], None] | None = None,
+               executor: str = "local", address: str | None = None) -> SearchResult:
     """Evaluate the study's fixed plans and search space for every variant.
 
     keep_top: plans that could still rank in the top `keep_top` of their variant are never
     pruned by the bound. prune=False evaluates everything valid (reference for tests).
     batch: candidates per evaluation round; pruning is decided between rounds.
+    executor: "local" (`jobs` processes, default all cores) or "ray" (Ray tasks on the cluster
+    at `address`, or on a local Ray instance with `jobs` CPUs); the result is the same.
     """
     t0 = time.perf_counter()
     fn = simulate_fn or default_simulate()
     mem = default_memory() if memory_fn == "default" else memory_fn
-    jobs = max(1, jobs or os.cpu_count() or 1)
+    if executor == "local":
+        jobs = max(1, jobs or os.cpu_count() or 1)
     rows: list[Row] = []
     merged = 0
     per_variant: list[list[Row]] = []
@@ -302,39 +257,77 @@ def run_search(study: StudySpec, variants: list[VariantParts], *, jobs: int | No
         merged += m
         per_variant.append(vr)
     todo = sum(r.status == "pending" for r in rows)
-    done = 0
     if progress:
         progress(0, todo)
-    pool = _Pool(jobs, {v.name: v for v in variants}, fn)
+    ex = make_executor(executor, {v.name: v for v in variants}, fn, jobs=jobs, address=address)
     try:
-        for vr in per_variant:
-            fixed = [r for r in vr if r.fixed and r.status == "pending"]
-            order = fixed + sorted((r for r in vr if not r.fixed and r.status == "pending"),
-                                   key=lambda r: (r.bound_s, r.index))
-            by_index = {r.index: r for r in order}
-            for chunk in _batches(order, batch):
-                kth = _kth_best(vr, keep_top) if prune else float("inf")
-                live = []
-                for r in chunk:
-                    if not r.fixed and r.bound_s is not None and r.bound_s >= kth:
-                        r.status = "pruned: bound"
-                        r.reason = f"compute floor {r.bound_s:.3f} s >= #{keep_top} best step {kth:.3f} s"
-                        done += 1
-                    else:
-                        live.append(r)
-                for idx, status, payload in pool.map([(r.index, r.variant, r.plan) for r in live]):
-                    _apply(by_index[idx], status, payload)
-                done += len(live)
-                if progress:
-                    progress(done, todo)
+        _evaluate_rounds(per_variant, ex, keep_top if prune else None, batch, todo, progress)
     except BaseException:
-        pool.close(ok=False)
+        ex.close(ok=False)
         raise
-    pool.close()
+    ex.close()
     return SearchResult(study=study, variants=variants, rows=rows, wall_s=time.perf_counter() - t0, merged=merged)
+
+
+def _evaluate_rounds(per_variant: list[list[Row]], ex: Executor, keep_top: int | None, batch: int,
+                     todo: int, progress: Callable[[int, int], None] | None) -> None:
+    """Each variant's pending rows in rounds of `batch` (fixed plans, then by lower bound); a
+    variant's next round is pruned and submitted once its last one is complete, while other
+    variants' rounds run alongside. Outcomes are keyed by row index: each pending row gets
+    exactly one, whatever the completion order or the executor's retries."""
+    rounds: list[Iterator[list[Row]]] = []
+    for vr in per_variant:
+        fixed = [r for r in vr if r.fixed and r.status == "pending"]
+        order = fixed + sorted((r for r in vr if not r.fixed and r.status == "pending"),
+                               key=lambda r: (r.bound_s, r.index))
+        rounds.append(_batches(order, batch))
+    in_flight: dict[int, Row] = {}  # row index -> row awaiting its outcome
+    left = [0] * len(per_variant)  # outcomes the variant's current round still awaits
+    done = 0
+
+    def start_round(i: int) -> None:
+        nonlocal done
+        for chunk in rounds[i]:
+            kth = _kth_best(per_variant[i], keep_top) if keep_top else float("inf")
+            live = []
+            for r in chunk:
+                if not r.fixed and r.bound_s is not None and r.bound_s >= kth:
+                    r.status = "pruned: bound"
+                    r.reason = f"compute floor {r.bound_s:.3f} s >= #{keep_top} best step {kth:.3f} s"
+                    done += 1
+                else:
+                    live.append(r)
+            if live:
+                in_flight.update((r.index, r) for r in live)
+                left[i] = len(live)
+                ex.submit(i, [(r.index, r.variant, r.plan) for r in live])
+                return
+            if progress:  # the whole round was pruned: on to the next
+                progress(done, todo)
+
+    for i in range(len(per_variant)):
+        start_round(i)
+    while in_flight:
+        finished = ex.wait()
+        if not finished:
+            raise ExecutorError(f"the executor returned no outcome for {len(in_flight)} plan(s)")
+        for i, outcomes in finished:
+            for idx, status, payload in outcomes:
+                row = in_flight.pop(idx, None)
+                if row is None:  # exactly once: a second outcome for a plan is a bug, never counted
+                    raise ExecutorError(f"plan #{idx} came back twice or was never submitted")
+                _apply(row, status, payload)
+            left[i] -= len(outcomes)
+            done += len(outcomes)
+            if progress:
+                progress(done, todo)
+            if left[i] == 0:
+                start_round(i)
+    stray = [r.index for vr in per_variant for r in vr if r.status == "pending"]
+    if stray or done != todo:
+        raise ExecutorError(f"{len(stray)} plan(s) never evaluated ({done} of {todo} done)")
 
 
 def _batches(order: list[Row], size: int) -> Iterator[list[Row]]:
     for i in range(0, len(order), size):
         yield order[i:i + size]
-

@@ -1,4 +1,5 @@
-"""`moeperf search [STUDY] [--out DIR] [--jobs N] [--json] [--quiet] [--top K]`.
+"""`moeperf search [STUDY] [--out DIR] [--jobs N] [--executor local|ray [--address ADDR]] [--json]
+[--quiet] [--top K]`.
 
 STUDY is a study YAML path or the name of a packaged study; without it the embedded
 default study runs. The default study lives ONCE, as package data, at
@@ -19,6 +20,7 @@ from pathlib import Path
 
 from perfmodel.argparse_util import parser
 from perfmodel.search import VariantParts
+from perfmodel.search.executors import EXECUTORS, ExecutorError, require_ray
 from perfmodel.specs import PRESET_DIR, SpecError, StudySpec, with_overrides
 from perfmodel.specs.validate import check_study, cluster_profile, validate_file
 
@@ -141,12 +143,24 @@ def main(argv: list[str]) -> int:
                     help=f"study YAML or packaged study name (default: the embedded {DEFAULT_STUDY})")
     ap.add_argument("--out", metavar="DIR", help="report folder (default: <study folder>/<study name>/)")
     ap.add_argument("--jobs", type=int, default=None, metavar="N", help="worker processes (default: all cores)")
+    ap.add_argument("--executor", choices=EXECUTORS, default="local",
+                    help="local: a process pool of --jobs workers (default); ray: Ray tasks "
+                    "(pip install 'moeperf[distributed]')")
+    ap.add_argument("--address", metavar="ADDR", default=None,
+                    help="with --executor ray: a running Ray cluster (HOST:PORT, ray://HOST:PORT or auto); "
+                    "default: start a local one with --jobs CPUs")
     ap.add_argument("--top", type=int, default=10, metavar="K", help="plans shown and kept safe from pruning (10)")
     ap.add_argument("--json", action="store_true", help="print a JSON summary instead of the table")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
     if args.jobs is not None and not 1 <= args.jobs <= 1024:
         raise SpecError(f"moeperf search: --jobs must be between 1 and 1024, got {args.jobs}")
+    if args.address is not None and args.executor != "ray":
+        raise SpecError("moeperf search: --address needs --executor ray")
+    if args.address is not None and args.jobs is not None:
+        raise SpecError("moeperf search: --jobs sizes a local run; the Ray cluster at --address has its own CPUs")
+    if args.executor == "ray":
+        require_ray(args.address)  # not installed or a malformed address: exit 2 before any work
     if not 1 <= args.top <= 10_000:
         raise SpecError(f"moeperf search: --top must be between 1 and 10000, got {args.top}")
     study, path, packaged = load_study(args.study)
@@ -161,12 +175,17 @@ def main(argv: list[str]) -> int:
 
     variants = study_variants(study, str(path), path.parent)
     prog, update = _progress(args.quiet or args.json)
-    jobs = args.jobs or os.cpu_count() or 1
-    if prog is not None:
-        with prog:
-            result = run_search(study, variants, jobs=jobs, keep_top=max(10, args.top), progress=update)
-    else:
-        result = run_search(study, variants, jobs=jobs, keep_top=max(10, args.top))
+    jobs = args.jobs or ((os.cpu_count() or 1) if args.executor == "local" else None)
+    run = dict(jobs=jobs, keep_top=max(10, args.top), executor=args.executor, address=args.address)
+    try:
+        if prog is not None:
+            with prog:
+                result = run_search(study, variants, progress=update, **run)
+        else:
+            result = run_search(study, variants, **run)
+    except ExecutorError as exc:  # the environment failed, not the input: exit 1
+        print(f"moeperf search: error: {exc}", file=sys.stderr)
+        return 1
     write_report(result, out, top=args.top)
     errors = result.counts().get("error", 0)
     if errors:
