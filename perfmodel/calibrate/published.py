@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from perfmodel.compare.out import kendall_tau
 from perfmodel.specs import ClusterSpec, ModelSpec, PlanSpec, ProfileSpec, with_overrides
 from perfmodel.specs.published import load_published, measured_tokens_per_s, resolve
 from perfmodel.specs.validate import cluster_profile
@@ -290,15 +291,6 @@ def leave_one_out(cs: list[Case], f: Fit, start: dict[str, Constants], jobs: int
         pool.close()
     loo = np.array([math.log(v / c.measured_tokens_per_s) for v, c in zip(values, cs, strict=True)])
     return loo, held
-
-
-def kendall_tau(a: list[float], b: list[float]) -> float:
-    """Kendall's tau-a of two rankings (pairs tied in either count as neither)."""
-    n, s = len(a), 0
-    for i in range(n):
-        for j in range(i + 1, n):
-            s += int(np.sign(a[i] - a[j]) * np.sign(b[i] - b[j]))
-    return s / (n * (n - 1) / 2) if n > 1 else float("nan")
 
 
 def uncertainty(loo: np.ndarray, confidence: float = CONFIDENCE, method: str = "") -> dict:
