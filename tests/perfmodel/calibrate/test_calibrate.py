@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from fakes import calibration_samples
 
 from perfmodel.calibrate import fit_profile, linfit, plot_fits, profile_yaml
 from perfmodel.calibrate.data import Sample
 from perfmodel.cli import main as cli
 from perfmodel.sim.collectives import latency_steps, straggler_wait_s
-from perfmodel.sim.hardware import Hardware
 from perfmodel.sim.opgraph import Op
 from perfmodel.specs import load_spec, parse_spec
 from perfmodel.specs.yamlsafe import loads as load_text
@@ -25,27 +25,13 @@ def test_linfit_recovers_line_and_clamps():
     assert a == 0 and b == pytest.approx(0.2)
 
 
-def _samples(truth, base):
-    hw = Hardware.of(truth)
-    out = []
-    for i, m in enumerate([64, 128, 256, 512, 1024]):
-        g = Op("moe.fc1", "fwd", "gemm", flops=2.0 * m * 256 * 128, bytes=1.0, dtype="bf16", shape=(1, m, 256, 128))
-        mem = Op("moe.act", "fwd", "memory", bytes=m * 4096.0)
-        for op, kind in ((g, "gemm"), (mem, "memory")):
-            out.append(Sample("r", "p", 0, op.event, kind, op.dtype, op.flops, op.bytes, hw.compute_s(op), 1.0))
-        nbytes = 2.0**(12 + i)
-        out.append(Sample("r", "p", 0, "moe.dispatch_a2a/fwd", "comm", "bf16", 0.0, nbytes,
-                          40e-6 + nbytes / 2e9, 1.0, "all_to_all", "ep", 4))
-    return out
-
-
 def test_fit_profile_recovers_the_generating_profile(tmp_path):
     base = load_spec("cpu", "profile")
     d = base.model_dump()
     d.update(gemm_efficiency={"max": 0.5, "half_work": 2e6}, memory_efficiency={"max": 0.6, "half_work": 0.0},
              launch_overhead_us=30.0)
     truth = parse_spec(d, "profile", "truth")
-    prof, fits = fit_profile(_samples(truth, base), base, ["runA"], link_bw_GBps=5.0)
+    prof, fits = fit_profile(calibration_samples(truth, base), base, ["runA"], link_bw_GBps=5.0)
     assert prof.launch_overhead_us == pytest.approx(30.0, rel=1e-3)
     assert prof.memory_efficiency.max == pytest.approx(0.6, rel=1e-3)
     assert prof.gemm_efficiency.max == pytest.approx(0.5, rel=1e-3)

@@ -11,7 +11,7 @@ import math
 
 import pytest
 import yaml
-from test_search_fake import fake_simulate
+from fakes import fake_simulate
 
 from perfmodel.cli import main as cli
 from perfmodel.compare import held_out_band
@@ -248,7 +248,7 @@ def test_search_cli_names_the_candidates(tmp_path, capsys):
 
 
 def test_a_fit_does_not_inherit_its_base_profiles_band():
-    from test_calibrate import _samples
+    from fakes import calibration_samples as _samples
 
     from perfmodel.calibrate import fit_profile
 
@@ -266,7 +266,7 @@ def test_compare_reads_traces_recorded_before_newer_model_fields(tmp_path):
 
     from perfmodel.compare import check_recorded, plan_of, study_specs
 
-    repo = Path(__file__).resolve().parents[2]
+    repo = Path(__file__).resolve().parents[3]
     study = load_spec(str(repo / "studies" / "h100-1gpu.yaml"), "study")
     model, _cluster, world = study_specs(study)
     plan = plan_of(study, study.plans[0])

@@ -18,7 +18,7 @@ from perfmodel.specs.published import (
     resolve,
 )
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 DATASET = ROOT / "studies" / "published"
 RUNS = {r.name: r for r in load_published(DATASET)}
 

@@ -14,15 +14,15 @@ import time
 from pathlib import Path
 
 import pytest
-from test_report import STUDY_YAML, _study
-from test_search_fake import sim_for_tests
+from fakes import STUDY_YAML, sim_for_tests
+from fakes import tiny_study as _study
 
 from perfmodel import cli
 from perfmodel.search import run_search
 from perfmodel.search.cli import study_variants
 
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parents[1]
+REPO = HERE.parents[2]
 
 
 def test_cli_on_its_own_local_ray_is_quiet_and_byte_identical_to_jobs_1(tmp_path, capsys):

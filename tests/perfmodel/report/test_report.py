@@ -8,51 +8,18 @@ import json
 from pathlib import Path
 
 import pytest
-from test_search_fake import sim_for_tests
+from fakes import STUDY_YAML, sim_for_tests, tiny_study
 
 from perfmodel import cli
 from perfmodel.report import CSV_COLUMNS, write_report
 from perfmodel.search import run_search
 from perfmodel.search.cli import DEFAULT_STUDY, default_out, load_study, resolve_study, study_variants
-from perfmodel.specs import StudySpec, load_spec
+from perfmodel.specs import load_spec
 from perfmodel.specs.layout import plan_layout
 
-REPO = Path(__file__).resolve().parents[2]
-STUDY_YAML = """\
-kind: study
-name: tiny-search
-model: mixtral-8x7b
-cluster: h100-dgx-64
-global_batch: 64
-baseline: megatron-lm
-plans:
-  - {name: megatron-lm, tp: 2, ep: 8, pp: 2}
-  - name: megascale-moe
-    sp: 2
-    ep: 8
-    pp: 2
-    overlap: {inter_op: true, intra_op: tile}
-    compression: {dispatch: fp8, grad_sync: bf16}
-reference: {tokens_per_s.megascale-moe: 400000, speedup: 1.5}
-search:
-  tp: [1, 2]
-  sp: [1, 2]
-  ep: [3, 8]
-  pp: [2, 4]
-  inter_op: [false, true]
-  intra_op: [none, tile]
-  dispatch: [fp8]
-"""
-
-
-def _study() -> StudySpec:
-    import yaml
-
-    return StudySpec.model_validate(yaml.safe_load(STUDY_YAML))
-
-
+REPO = Path(__file__).resolve().parents[3]
 def _report(out: Path, jobs: int) -> Path:
-    study = _study()
+    study = tiny_study()
     res = run_search(study, study_variants(study, "tiny"), jobs=jobs, simulate_fn=sim_for_tests())
     return write_report(res, out, top=5, simulate_fn=sim_for_tests())
 

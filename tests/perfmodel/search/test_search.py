@@ -4,7 +4,7 @@ small space, determinism across --jobs."""
 from __future__ import annotations
 
 import pytest
-from test_search_fake import fake_simulate, sim_for_tests
+from fakes import fake_simulate, sim_for_tests
 
 from perfmodel.search import enumerate_space, lower_bound_s, run_search
 from perfmodel.search.cli import study_variants

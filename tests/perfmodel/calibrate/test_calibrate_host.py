@@ -10,7 +10,7 @@ import pytest
 
 from perfmodel.calibrate.host import HostCase, fit_host
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 TRACES = REPO / "traces" / "h100-1gpu"
 
 

@@ -1,12 +1,17 @@
-"""A tiny, deterministic stand-in for perfmodel.sim.simulate (fast unit tests of search and
-report), and a check that it behaves like the simulator's contract."""
+"""Shared test helpers for the perfmodel tests (this folder is on sys.path through its conftest.py):
+a tiny deterministic stand-in for perfmodel.sim.simulate, a small study, synthetic calibration samples."""
 
 from __future__ import annotations
 
+import yaml
+
+from perfmodel.calibrate.data import Sample
 from perfmodel.search import lower_bound_s
+from perfmodel.sim.hardware import Hardware
 from perfmodel.sim.memory import estimate_memory
+from perfmodel.sim.opgraph import Op
 from perfmodel.sim.result import SimResult, TraceEvent
-from perfmodel.specs import load_spec
+from perfmodel.specs import StudySpec
 from perfmodel.specs.layout import plan_layout
 
 
@@ -44,13 +49,6 @@ def fake_simulate(model, cluster, plan, profile=None, *, trace=False):
                      timeline=timeline)
 
 
-def test_fake_never_beats_the_bound():
-    model, cluster = load_spec("mixtral-8x7b", "model"), load_spec("h100-dgx-8", "cluster")
-    plan = load_spec("h100-dgx-8", "cluster") and __import__("perfmodel.specs").specs.PlanSpec(ep=8, global_batch=16)
-    r = fake_simulate(model, cluster, plan)
-    assert r.step_time_s >= lower_bound_s(model, plan, 8, cluster.profile())
-
-
 def sim_for_tests():
     """The real simulator once it exists, else the fake (both take the same arguments)."""
     try:
@@ -58,3 +56,48 @@ def sim_for_tests():
     except ImportError:
         return fake_simulate
     return simulate
+
+
+STUDY_YAML = """\
+kind: study
+name: tiny-search
+model: mixtral-8x7b
+cluster: h100-dgx-64
+global_batch: 64
+baseline: megatron-lm
+plans:
+  - {name: megatron-lm, tp: 2, ep: 8, pp: 2}
+  - name: megascale-moe
+    sp: 2
+    ep: 8
+    pp: 2
+    overlap: {inter_op: true, intra_op: tile}
+    compression: {dispatch: fp8, grad_sync: bf16}
+reference: {tokens_per_s.megascale-moe: 400000, speedup: 1.5}
+search:
+  tp: [1, 2]
+  sp: [1, 2]
+  ep: [3, 8]
+  pp: [2, 4]
+  inter_op: [false, true]
+  intra_op: [none, tile]
+  dispatch: [fp8]
+"""
+
+
+def tiny_study() -> StudySpec:
+    return StudySpec.model_validate(yaml.safe_load(STUDY_YAML))
+
+
+def calibration_samples(truth, base):
+    hw = Hardware.of(truth)
+    out = []
+    for i, m in enumerate([64, 128, 256, 512, 1024]):
+        g = Op("moe.fc1", "fwd", "gemm", flops=2.0 * m * 256 * 128, bytes=1.0, dtype="bf16", shape=(1, m, 256, 128))
+        mem = Op("moe.act", "fwd", "memory", bytes=m * 4096.0)
+        for op, kind in ((g, "gemm"), (mem, "memory")):
+            out.append(Sample("r", "p", 0, op.event, kind, op.dtype, op.flops, op.bytes, hw.compute_s(op), 1.0))
+        nbytes = 2.0**(12 + i)
+        out.append(Sample("r", "p", 0, "moe.dispatch_a2a/fwd", "comm", "bf16", 0.0, nbytes,
+                          40e-6 + nbytes / 2e9, 1.0, "all_to_all", "ep", 4))
+    return out

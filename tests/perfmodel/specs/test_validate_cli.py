@@ -12,7 +12,7 @@ import pytest
 from perfmodel.cli import main
 from perfmodel.specs import PRESET_DIR
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 PRESET_FILES = sorted(str(p) for sub in ("clusters", "gpus", "models") for p in (PRESET_DIR / sub).glob("*.yaml"))
 
 BAD = {

@@ -15,7 +15,7 @@ from perfmodel.sim.opgraph import FP8_GEMMS, OpGraph
 from perfmodel.specs import PlanSpec, SpecError, load_spec
 from perfmodel.specs.opnames import OP_NAMES
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 MODEL = load_spec("mixtral-8x7b", "model")
 CLUSTER = load_spec("h100-dgx-64", "cluster")
 
