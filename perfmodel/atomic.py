@@ -12,6 +12,15 @@ from pathlib import Path
 
 def write_bytes(path: str | Path, data: bytes) -> Path:
     path = Path(path)
+    try:
+        return _write(path, data)
+    except OSError as exc:  # name the file the caller asked for, not the temp file (or nothing: ENOSPC)
+        if exc.errno is None:
+            raise
+        raise type(exc)(exc.errno, exc.strerror, str(path)) from exc
+
+
+def _write(path: Path, data: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
