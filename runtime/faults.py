@@ -6,7 +6,9 @@ before the save is committed) the rank SIGKILLs itself, exactly like `kill -9` f
 Python cleanup, no error report. Two disk faults stand in for a full disk (no root, no tmpfs in CI):
 `enospc` makes the rank's checkpoint shard write at that step fail with OSError(ENOSPC) inside
 torch.distributed.checkpoint, as a full disk does; `lowdisk` makes the free-space probe before that
-step's save report 0 bytes free. A fault fires only in the job attempt it names (torchrun's
+step's save report 0 bytes free. `node:LOCAL_RANK:STEP` (mid-step, like `step`) loses the whole node:
+that local rank SIGKILLs its torchrun agent, the agent's other ranks and itself, as a machine that
+dies does (set it in one node's environment only). A fault fires only in the job attempt it names (torchrun's
 TORCHELASTIC_RESTART_COUNT; default 0, the first), so a restarted job does not repeat it.
 Unset, this costs one dict lookup.
 """
@@ -16,6 +18,8 @@ from __future__ import annotations
 import errno
 import os
 import signal
+
+from runtime import preempt
 
 
 def _armed(where: str, rank: int, step: int) -> bool:
@@ -47,3 +51,10 @@ def point(where: str, rank: int, step: int) -> None:
     """Die here (SIGKILL) if MOEPERF_FAULT names this point."""
     if _armed(where, rank, step):
         os.kill(os.getpid(), signal.SIGKILL)
+    if where == "step" and _armed("node", int(os.environ.get("LOCAL_RANK", "0")), step):
+        agent = os.getppid()
+        for pid in [agent, *preempt.children(agent)]:
+            if pid != os.getpid():
+                os.kill(pid, signal.SIGKILL)
+        os.kill(os.getpid(), signal.SIGKILL)
+

@@ -233,7 +233,7 @@ def failure_reason(out: Path, rc: int, log: str = "") -> str:
     for f in (out / "failures").glob("rank*.txt") if (out / "failures").is_dir() else []:
         try:
             stamp, _, msg = f.read_text().strip().partition(" ")
-            reports.append((float(stamp), msg))
+            reports.append((float(stamp), " ".join(msg.split())[:400]))  # one line, whatever the rank wrote
         except (OSError, ValueError):
             continue
     reports.sort()
@@ -247,11 +247,9 @@ def failure_reason(out: Path, rc: int, log: str = "") -> str:
     heard = {int(w.split(" ")[1]) for w in reported if w.split(" ")[-1].isdigit()} | set(exits)
     lost = lost_nodes(out, heard)
     if lost:
-        others = [_who(m) for _, m in reports]
-        first = reports[0][1] if reports else ""
+        then = sorted({_who(m) for _, m in reports}, key=lambda w: int(w.split(" ")[-1]) if w[-1:].isdigit() else 0)
         return (f"{'; '.join(lost)} lost: no report or exit status from {'its' if len(lost) == 1 else 'their'} ranks "
-                "(the node's agent died or it became unreachable)" + (f" (then: {first}" + (
-                    f"; also {', '.join(others[1:])}" if others[1:] else "") + ")" if first else ""))
+                "(the node's agent died or it became unreachable)" + (f"; then {', '.join(then)} failed" if then else ""))
     if killed:
         code = exits[killed[0]]
         others = [f"rank {r}" for r in killed[1:]] + [_who(m) for _, m in reports]
@@ -261,20 +259,6 @@ def failure_reason(out: Path, rc: int, log: str = "") -> str:
         return f"torchrun exited with status {rc} (see the log above for the failed rank)"
     others = [_who(m) for _, m in reports[1:] if m != reports[0][1]]
     return reports[0][1] + (f" (then: {', '.join(others)})" if others else "")
-
-
-def _children(pid: int) -> list[int]:
-    """Processes whose parent is `pid` (torchrun's ranks), from /proc."""
-    kids = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                stat = (d / "stat").read_text()
-                if int(stat[stat.rindex(")") + 2:].split()[1]) == pid:
-                    kids.append(int(d.name))
-            except (OSError, ValueError, IndexError):
-                continue
-    return kids
 
 
 def _launch(cmd: list[str], env: dict[str, str], hidden: list[str] | None = None) -> tuple[int, str, int | None]:
@@ -293,7 +277,7 @@ def _launch(cmd: list[str], env: dict[str, str], hidden: list[str] | None = None
 
         def forward(signum: int, _frame) -> None:
             got.append(signum)
-            for kid in _children(proc.pid):
+            for kid in preempt.children(proc.pid):
                 try:
                     os.kill(kid, signum)
                 except OSError:

@@ -66,3 +66,19 @@ def wait_for_nodes(world: int, needed: int) -> int:
     while not any(flags()):
         time.sleep(0.2)
     return 0
+
+
+def children(pid: int) -> list[int]:
+    """Processes whose parent is `pid` (an agent's ranks), from /proc (Linux)."""
+    kids = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                stat = f.read()
+            if int(stat[stat.rindex(")") + 2:].split()[1]) == pid:  # field 4, after "(comm) state"
+                kids.append(int(d))
+        except (OSError, ValueError, IndexError):
+            continue
+    return kids
