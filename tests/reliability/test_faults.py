@@ -176,6 +176,7 @@ def test_lost_node_ends_the_job_naming_it(tmp_path):
     finally:
         _kill_strays(tmp_path / "n")
     assert first.returncode == 1 and secs < 60, (secs, first.stderr[-3000:])
+    print(f"figure: job ended {secs:.1f} s after the node was lost")
     nodes = [json.loads(p.read_text()) for p in sorted((tmp_path / "n" / "nodes").glob("node*.json"))]
     reported = {int(p.stem[4:]) for p in (tmp_path / "n" / "failures").glob("rank*.txt")}
     lost = [n for n in nodes if not reported & set(n["ranks"])]
@@ -197,10 +198,14 @@ def test_elastic_job_waits_for_the_lost_node_and_resumes_exactly(tmp_path, refer
             _listening(port, 90)
             with _node(tmp_path, port, *elastic, fault="node:0:3") as b:
                 b.finish(timeout=180)
+            lost_at = time.monotonic()
             a.wait_for("moeperf run: waiting for the lost node(s): 2 of 4 ranks present", timeout=120)
+            waiting_s = time.monotonic() - lost_at
             with _node(tmp_path, port, *elastic) as back:
                 returned = back.finish(timeout=180)
             first = a.finish(timeout=60)
+            print(f"figure: waiting {waiting_s:.1f} s after the loss; node back to job done "
+                  f"{time.monotonic() - lost_at - waiting_s:.1f} s")
     finally:
         _kill_strays(tmp_path / "n")
     assert first.returncode == 0 and returned.returncode == 0, (first.stderr[-3000:], returned.stderr[-3000:])

@@ -16,6 +16,7 @@ import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import proc_group
@@ -78,7 +79,9 @@ def test_full_disk_and_preemption_chain(tmp_path):
     with proc_group.Started(_cmd(tmp_path, "a", "--resume"), env=_env(), cwd=ROOT) as job:
         job.wait_for("step 6/12", timeout=120)
         job.signal(signal.SIGTERM)
+        t0 = time.monotonic()
         term = job.finish(timeout=90)
+        print(f"figure: SIGTERM to exit 0 (step finished, checkpoint saved) {time.monotonic() - t0:.1f} s")
     assert term.returncode == 0, term.stderr[-3000:]
     assert "removed step_000010.tmp, an unfinished checkpoint save" in term.stderr
     stop = json.loads((out / "stopped.json").read_text())
