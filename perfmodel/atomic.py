@@ -5,6 +5,7 @@ A killed process or a full disk leaves either the old file or the new one, never
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from pathlib import Path
@@ -21,6 +22,8 @@ def write_bytes(path: str | Path, data: bytes) -> Path:
 
 
 def _write(path: Path, data: bytes) -> Path:
+    if path.parent.exists() and not path.parent.is_dir():  # mkdir would say "File exists": misleading
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(path.parent))
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:

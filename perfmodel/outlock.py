@@ -7,6 +7,7 @@ when its holder finishes.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -52,6 +53,8 @@ def _holder(path: Path) -> dict:
 
 def acquire(out: Path, command: str) -> OutLock:
     """Take --out's lock or raise EnvError naming the holder. OSError (read-only, full...) passes up."""
+    if out.parent.exists() and not out.parent.is_dir():  # mkdir would say "File exists": misleading
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(out))
     out.mkdir(parents=True, exist_ok=True)
     path = out / NAME
     for _ in range(10):  # the holder may unlink the file between our open and our flock: retry

@@ -301,14 +301,14 @@ def _launch(cmd: list[str], env: dict[str, str], hidden: list[str] | None = None
     return rc, "".join(tail), (got[0] if got else None)
 
 
-def _stopped(out: Path, sig: int | None) -> tuple[str, int] | None:
+def _stopped(out: Path, sig: int | None, rc: int) -> tuple[str, int] | None:
     """The last line and exit status of a job stopped by SIGTERM/SIGINT (None: it was not stopped)."""
     try:
         info = json.loads((out / preempt.STOPPED).read_text())
     except (OSError, ValueError):
         info = None
-    name = info["signal"] if info else (signal.Signals(sig).name if sig else None)
-    if name is None:
+    name = info["signal"] if info else (signal.Signals(sig).name if sig and rc != 0 else None)
+    if name is None:  # not signalled, or the signal came after the last step: the run simply finished
         return None
     status = 130 if name == "SIGINT" else 0
     if not info:
@@ -344,7 +344,7 @@ def _run(a, cmd: list[str], out: Path, world: int) -> int:
             atomic.write_text(out / "agent.log", "".join(hidden))
         except OSError:
             pass
-    stop = _stopped(out, sig)
+    stop = _stopped(out, sig, rc)
     if stop is not None:
         print(stop[0], file=sys.stderr, flush=True)
         return stop[1]

@@ -59,7 +59,7 @@ def test_full_disk_while_writing_a_report_is_one_line_exit_1(files, capsys):
 def test_a_file_where_a_folder_should_be_is_one_line_exit_1(files, capsys, cmd):
     below = files / "a-file" / "sub"  # the parent is a file: the folder cannot be made
     argv = {"search": ["search", str(files / "study.yaml"), "--out", str(below), "--quiet"],
-            "simulate": [*SIM, "--plan", str(files / "plan.yaml"), "--trace", str(below / "t.json")],
+            "simulate": [*SIM, "--plan", str(files / "plan.yaml"), "--trace", str(files / "a-file" / "t.json")],
             "run": ["run", *RUN, "--plan", str(files / "plan.yaml"), "--out", str(below)],
             "compare": ["compare", str(ROOT / "studies" / "h100-1gpu.yaml"), "--out", str(below),
                         "--traces", str(ROOT / "traces")],
