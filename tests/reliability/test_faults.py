@@ -176,7 +176,7 @@ def test_lost_node_ends_the_job_naming_it(tmp_path):
     finally:
         _kill_strays(tmp_path / "n")
     assert first.returncode == 1 and secs < 60, (secs, first.stderr[-3000:])
-    print(f"figure: job ended {secs:.1f} s after the node was lost")
+    print(f"figure: job ended {secs:.1f} s after the node was lost; {first.stderr.strip().splitlines()[-1]}")
     nodes = [json.loads(p.read_text()) for p in sorted((tmp_path / "n" / "nodes").glob("node*.json"))]
     reported = {int(p.stem[4:]) for p in (tmp_path / "n" / "failures").glob("rank*.txt")}
     lost = [n for n in nodes if not reported & set(n["ranks"])]
