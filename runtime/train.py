@@ -257,8 +257,11 @@ def train(cfg: TrainConfig, par: Parallel, device: torch.device) -> list[dict]:
         records.append(rec)
         if par.rank == 0:
             if metrics_path:
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(rec) + "\n")
+                try:
+                    with open(metrics_path, "a") as f:
+                        f.write(json.dumps(rec) + "\n")
+                except OSError as exc:  # a full disk says nothing of the file: name it
+                    raise OSError(exc.errno, exc.strerror, str(metrics_path)) from exc
             if not cfg.quiet:
                 print(f"step {step}/{cfg.steps} loss {loss_v:.4f} aux {aux_v:.4f} tok/s {rec['tokens_per_s']:.0f} "
                       f"step {dt:.3f}s max_tok/expert {max_tpe}", flush=True)
