@@ -5,6 +5,7 @@ A killed process or a full disk leaves either the old file or the new one, never
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from pathlib import Path
@@ -12,6 +13,17 @@ from pathlib import Path
 
 def write_bytes(path: str | Path, data: bytes) -> Path:
     path = Path(path)
+    try:
+        return _write(path, data)
+    except OSError as exc:  # name the file the caller asked for, not the temp file (or nothing: ENOSPC)
+        if exc.errno is None:
+            raise
+        raise type(exc)(exc.errno, exc.strerror, str(path)) from exc
+
+
+def _write(path: Path, data: bytes) -> Path:
+    if path.parent.exists() and not path.parent.is_dir():  # mkdir would say "File exists": misleading
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(path.parent))
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:

@@ -1,6 +1,8 @@
 """The `moeperf` command. Each subcommand lives beside the code it drives and exposes
 `main(argv: list[str]) -> int`; this module only dispatches and turns bad input into one
-line and exit status 2 (internal failures exit 1).
+line and exit status 2; environment failures (disk full, permission denied, read-only folder, a file
+where a folder should be, an --out held by another command: perfmodel.envfail) and internal failures
+are one line and exit 1.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 USAGE = "usage: moeperf [-h] COMMAND [ARGS...]\n\ncommands:\n" + "".join(
     f"  {name:<10} {help_}\n" for name, (_, help_) in COMMANDS.items()
-) + "\nEvery command takes --help; most take --json. Exit 0 ok, 2 bad input, 1 internal failure.\n"
+) + ("\nEvery command takes --help; most take --json. Exit 0 ok, 2 bad input, 1 environment (disk full, "
+      "permission denied, ...) or internal failure.\n")
 
 
 def _fail(msg: str) -> int:
@@ -53,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
         return _fail(f"unknown command {name!r}; choose one of: {', '.join(COMMANDS)}")
+    from perfmodel import envfail
     from perfmodel.specs import SpecError
 
     module_name = COMMANDS[name][0]
@@ -82,9 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"{name}: out of memory (input too large?)")
     except RecursionError:
         return _fail(f"{name}: input nested too deeply")
-    except OSError as exc:  # disk full, permission denied, ... on an output path
-        where = f"{exc.filename}: " if exc.filename else ""
-        return _fail(f"{name}: {where}{exc.strerror or exc}")
+    except (OSError, envfail.EnvError) as exc:  # disk full, permission denied, ... on an output path
+        return envfail.fail(name, exc)  # inputs are read through yamlsafe/trace_reader: SpecError, not here
     except Exception as exc:  # noqa: BLE001 - the last line of defence: never a traceback
         return _internal(name, exc)
 

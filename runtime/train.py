@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -29,11 +30,11 @@ import torch
 import torch.distributed as dist
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from perfmodel import atomic
+from perfmodel import atomic, envfail
 from perfmodel.argparse_util import parser
 from perfmodel.specs import ModelSpec, PlanSpec, load_spec
 from perfmodel.specs.layout import plan_layout
-from runtime import checkpoint, comm, faults
+from runtime import checkpoint, comm, faults, preempt
 from runtime.data import open_data, step_batch
 from runtime.groups import Parallel, build_parallel
 from runtime.model import build_stages, check_supported, lm_loss, scale
@@ -84,7 +85,8 @@ def _step_stats(stages, spec: ModelSpec, loss: torch.Tensor, norm: torch.Tensor 
     b = comm.STATS.bytes_sent
     moe_a2a = ("moe.dispatch_a2a", "moe.combine_a2a")
     nbytes = [sum(v for k, v in b.items() if k.startswith(moe_a2a)),
-              sum(v for k, v in b.items() if k.startswith(moe_a2a) and k.endswith("/fwd")), b.get("dp.grad_sync", 0)]
+              sum(v for k, v in b.items() if k.startswith(moe_a2a) and k.endswith("/fwd")), b.get("dp.grad_sync", 0),
+              *preempt.flags()]  # SIGTERM/SIGINT seen: summed, so every rank stops after the same step
     nbytes_t = torch.tensor(nbytes, dtype=torch.float64)  # host counts; on CUDA sent without a blocking copy
     nbytes_t = nbytes_t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else nbytes_t.to(device)
     packed = torch.cat([loss.reshape(1).double().to(device), aux.reshape(1).double(), nbytes_t,
@@ -92,9 +94,10 @@ def _step_stats(stages, spec: ModelSpec, loss: torch.Tensor, norm: torch.Tensor 
     if dist.is_initialized():
         dist.all_reduce(packed)  # every term is a disjoint share (tokens, layers, bytes), so the sum is the total
     norm_t = torch.as_tensor(norm, dtype=torch.float64, device=device).reshape(1)  # the same on every rank
-    vals = torch.cat([packed[:5], packed[5:].max().reshape(1) if e else packed.new_zeros(1), norm_t]).tolist()
-    return {"loss": vals[0], "aux_loss": vals[1], "grad_norm": vals[6], "max_tokens_per_expert": int(vals[5]),
-            "a2a_bytes": int(vals[2]), "a2a_fwd_bytes": int(vals[3]), "grad_sync_bytes": int(vals[4])}
+    vals = torch.cat([packed[:7], packed[7:].max().reshape(1) if e else packed.new_zeros(1), norm_t]).tolist()
+    return {"loss": vals[0], "aux_loss": vals[1], "grad_norm": vals[8], "max_tokens_per_expert": int(vals[7]),
+            "a2a_bytes": int(vals[2]), "a2a_fwd_bytes": int(vals[3]), "grad_sync_bytes": int(vals[4]),
+            "stop": preempt.decide(vals[5], vals[6])}
 
 
 def _step_of(line: str) -> float:
@@ -209,6 +212,9 @@ def train(cfg: TrainConfig, par: Parallel, device: torch.device) -> list[dict]:
             print(f"resumed from {found} (step {start})", flush=True)
     elif par.rank == 0 and metrics_path:
         atomic.write_text(metrics_path, "")
+    if par.rank == 0 and ckpt_dir:
+        for p in checkpoint.remove_stale(ckpt_dir):  # a killed or failed save's leftovers
+            print(f"moeperf run: removed {p.name}, an unfinished checkpoint save", file=sys.stderr, flush=True)
     # --- profiling (runtime/profiling.py) ---
     trace_dir = cfg.trace_dir or (cfg.out / "traces" / cfg.out.name if cfg.out else None)
     prof = StepProfiler.create(cfg.profile_steps, trace_dir, par.rank, par.world, spec, plan, cfg.cluster)
@@ -239,17 +245,35 @@ def train(cfg: TrainConfig, par: Parallel, device: torch.device) -> list[dict]:
                "consumed_samples": data.position(step)["consumed_samples"],
                **{k: stats[k] for k in ("a2a_bytes", "a2a_fwd_bytes", "grad_sync_bytes")}}
         loss_v, aux_v, max_tpe = stats["loss"], stats["aux_loss"], stats["max_tokens_per_expert"]
+        stop = stats["stop"]  # SIGTERM/SIGINT on any rank, agreed by all
+        due = bool(ckpt_dir) and (bool(cfg.ckpt_every) and (step % cfg.ckpt_every == 0 or step == cfg.steps)
+                                  or stop == "SIGTERM")
+        fits = True
+        if due:  # a save that cannot fit is skipped (and logged), not left to crash the job mid-write
+            fits, need, free = checkpoint.room(ckpt_dir, step, state, par.rank)
+            if not fits:
+                rec["ckpt_skipped"] = {"need_bytes": need, "free_bytes": free}
+                if par.rank == 0:
+                    print(f"moeperf run: warning: skipped the step-{step} checkpoint: it needs about {need / 1e6:.1f} MB, "
+                          f"{free / 1e6:.1f} MB free on {ckpt_dir}; training continues", file=sys.stderr, flush=True)
         records.append(rec)
         if par.rank == 0:
             if metrics_path:
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(rec) + "\n")
+                try:
+                    with open(metrics_path, "a") as f:
+                        f.write(json.dumps(rec) + "\n")
+                except OSError as exc:  # a full disk says nothing of the file: name it
+                    raise OSError(exc.errno, exc.strerror, str(metrics_path)) from exc
             if not cfg.quiet:
                 print(f"step {step}/{cfg.steps} loss {loss_v:.4f} aux {aux_v:.4f} tok/s {rec['tokens_per_s']:.0f} "
                       f"step {dt:.3f}s max_tok/expert {max_tpe}", flush=True)
-        if ckpt_dir and cfg.ckpt_every and (step % cfg.ckpt_every == 0 or step == cfg.steps):
+        if due and fits:
             state[f"r{par.rank}"]["rng"] = torch.get_rng_state()
             checkpoint.save(ckpt_dir, step, state, par.rank, {**meta, "data_position": data.position(step)})
+        if stop:
+            if par.rank == 0 and cfg.out:
+                preempt.write_stopped(cfg.out, stop, step, cfg.steps, checkpoint.latest(ckpt_dir) if ckpt_dir else None)
+            break
     prof.close()
     return records
 
@@ -273,6 +297,7 @@ def _args(argv: list[str]):
     ap.add_argument("--dump-grads", type=Path, default=None)
     ap.add_argument("--inject-failure", default=None, help="RANK:STEP (testing failure handling)")
     ap.add_argument("--pg-timeout-s", type=float, default=120.0)
+    ap.add_argument("--world-needed", type=int, default=0, help="elastic: ranks the job needs (wait with fewer)")
     ap.add_argument("--profile-steps", default=None, help="A:B: torch.profiler traces of steps A..B")
     ap.add_argument("--trace-dir", type=Path, default=None, help="where traces go (default <out>/traces/<out name>)")
     ap.add_argument("--cluster", default=None, help="cluster preset/path recorded in the traces' meta.yaml")
@@ -317,20 +342,57 @@ def init_distributed(timeout_s: float) -> tuple[int, int, torch.device]:
 def main(argv: list[str] | None = None) -> int:
     a = _args(list(sys.argv[1:] if argv is None else argv))
     cfg = config_from_args(a)
+    world_now = int(os.environ.get("WORLD_SIZE", "1"))
+    if a.world_needed and world_now < a.world_needed:  # an elastic restart without the lost node: wait for it
+        return preempt.wait_for_nodes(world_now, a.world_needed)
+    preempt.install()
     rank, world, device = init_distributed(a.pg_timeout_s)
     try:
+        _write_node(cfg.out, rank, world)
+        if world > 1:  # a node that rejoins an elastic job runs without --resume: resume if any rank does
+            flag = torch.tensor([float(cfg.resume)], device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            cfg.resume = bool(flag.item())
         par = build_parallel(cfg.plan, world, rank, timeout=timedelta(seconds=a.pg_timeout_s))
         train(cfg, par, device)
         dist.barrier()
+    except (checkpoint.CheckpointError, OSError) as exc:  # the environment: one line, exit 1, no traceback
+        # a CheckpointError is the same on every rank (naming the rank that failed): rank 0 says it
+        msg = str(exc) if isinstance(exc, checkpoint.CheckpointError) else f"rank {rank}: {envfail.describe(exc)}"
+        if rank == 0 or not isinstance(exc, checkpoint.CheckpointError):
+            print(f"moeperf run: {msg}", file=sys.stderr, flush=True)
+            _report(cfg.out, rank, msg)
+        return 1
     except Exception as exc:
         msg = f"rank {rank} failed: {type(exc).__name__}: {exc}"
         print(f"moeperf run: {msg}", file=sys.stderr, flush=True)
-        if cfg.out:
-            # the time lets the launcher tell the first failure from the ranks it brought down
-            atomic.write_text(cfg.out / "failures" / f"rank{rank}.txt", f"{time.time():.6f} {msg}\n")
+        _report(cfg.out, rank, msg)
         raise
     dist.destroy_process_group()
     return 0
+
+
+def _report(out: Path | None, rank: int, msg: str) -> None:
+    """failures/rank<k>.txt for the launcher; the time tells the first failure from the ranks it brought
+    down. Best effort: on a full disk the launcher reads the same line from the log instead."""
+    if out:
+        try:
+            atomic.write_text(out / "failures" / f"rank{rank}.txt", f"{time.time():.6f} {msg}\n")
+        except OSError:
+            pass
+
+
+def _write_node(out: Path | None, rank: int, world: int) -> None:
+    """nodes/node<g>.json (local rank 0 of each node): its host and ranks, so the launcher can name a lost node."""
+    if not out or os.environ.get("LOCAL_RANK", "0") != "0":
+        return
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    node = {"node": int(os.environ.get("GROUP_RANK", "0")), "host": socket.gethostname(), "agent_pid": os.getppid(),
+            "ranks": list(range(rank, rank + local)), "world": world}
+    try:
+        atomic.write_json(out / "nodes" / f"node{node['node']}.json", node)
+    except OSError:
+        pass
 
 
 if __name__ == "__main__":

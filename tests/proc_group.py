@@ -62,3 +62,60 @@ def _drain(proc: subprocess.Popen) -> tuple[str, str]:
         proc.kill()
         proc.wait()
         return "", ""
+
+
+class Started:
+    """A command started in its own process group whose output is read as it comes, so a test can wait
+    for a line (`wait_for`), signal it mid-run (`signal`), then `finish`; `kill` (also on any error in
+    the test: use it as a context manager) SIGKILLs the whole group."""
+
+    def __init__(self, cmd: Sequence[str], *, env: Mapping[str, str] | None = None, cwd=None) -> None:
+        import threading
+
+        env = child_env() if env is None else child_env(env)
+        self.proc = subprocess.Popen(list(cmd), cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True, start_new_session=True)
+        self.out: list[str] = []
+        self.err: list[str] = []
+        self._readers = [threading.Thread(target=self._read, args=(s, buf), daemon=True)
+                         for s, buf in ((self.proc.stdout, self.out), (self.proc.stderr, self.err))]
+        for t in self._readers:
+            t.start()
+
+    @staticmethod
+    def _read(stream, buf: list[str]) -> None:
+        for line in stream:
+            buf.append(line)
+
+    def wait_for(self, text: str, timeout: float) -> None:
+        import time
+
+        end = time.monotonic() + timeout
+        while not any(text in ln for ln in self.out + self.err):
+            if self.proc.poll() is not None or time.monotonic() > end:
+                raise AssertionError(f"never saw {text!r}: {''.join(self.out)[-1500:]}{''.join(self.err)[-3000:]}")
+            time.sleep(0.05)
+
+    def signal(self, sig: int, group: bool = False) -> None:
+        if group:
+            os.killpg(self.proc.pid, sig)
+        else:
+            self.proc.send_signal(sig)
+
+    def finish(self, timeout: float) -> subprocess.CompletedProcess:
+        try:
+            self.proc.wait(timeout)
+        finally:
+            self.kill()
+        for t in self._readers:
+            t.join(10)
+        return subprocess.CompletedProcess(self.proc.args, self.proc.returncode, "".join(self.out), "".join(self.err))
+
+    def kill(self) -> None:
+        _kill_group(self.proc.pid)
+
+    def __enter__(self) -> Started:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.kill()

@@ -383,6 +383,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--no-figures", action="store_true")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
+    if Path(a.out).is_dir():
+        raise SpecError(f"--out {a.out}: is a folder; name the profile YAML to write")
     profile, fits = calibrate(a.trace_dirs, a.out, a.base, figures=not a.no_figures)
     if a.json:
         print(json.dumps({"profile": str(a.out), "residuals": profile.residuals, "fits": sorted(fits)}, indent=1))

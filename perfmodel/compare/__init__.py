@@ -185,6 +185,7 @@ def compare(study_path: str, out: Path | None = None, traces_root: Path | None =
             plan_layout(p, model, world)
         except SpecError as exc:
             raise SpecError(f"{study_path}: plan {p.name!r}: {exc}") from None
+    out.mkdir(parents=True, exist_ok=True)  # an unwritable --out fails now (exit 1), not after the runs
     dirs = {p.name: repeat_dirs(traces_root / study.name, p.name, repeats) for p in plans}
     for p in plans:  # recorded traces must be of this model, plan and world size
         for d in dirs[p.name]:

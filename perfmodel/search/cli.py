@@ -170,23 +170,25 @@ def main(argv: list[str]) -> int:
     if out.exists() and not out.is_dir():
         raise SpecError(f"--out {out}: exists and is not a directory")
 
+    from perfmodel import outlock
     from perfmodel.report import summary_json, write_report
     from perfmodel.search import run_search
 
     variants = study_variants(study, str(path), path.parent)
-    prog, update = _progress(args.quiet or args.json)
-    jobs = args.jobs or ((os.cpu_count() or 1) if args.executor == "local" else None)
-    run = dict(jobs=jobs, keep_top=max(10, args.top), executor=args.executor, address=args.address)
-    try:
-        if prog is not None:
-            with prog:
-                result = run_search(study, variants, progress=update, **run)
-        else:
-            result = run_search(study, variants, **run)
-    except ExecutorError as exc:  # the environment failed, not the input: exit 1
-        print(f"moeperf search: error: {exc}", file=sys.stderr)
-        return 1
-    write_report(result, out, top=args.top)
+    with outlock.acquire(out, "search"):  # a second search/run on this --out refuses at once (exit 1)
+        prog, update = _progress(args.quiet or args.json)
+        jobs = args.jobs or ((os.cpu_count() or 1) if args.executor == "local" else None)
+        run = dict(jobs=jobs, keep_top=max(10, args.top), executor=args.executor, address=args.address)
+        try:
+            if prog is not None:
+                with prog:
+                    result = run_search(study, variants, progress=update, **run)
+            else:
+                result = run_search(study, variants, **run)
+        except ExecutorError as exc:  # the environment failed, not the input: exit 1
+            print(f"moeperf search: error: {exc}", file=sys.stderr)
+            return 1
+        write_report(result, out, top=args.top)
     errors = result.counts().get("error", 0)
     if errors:
         print(f"moeperf search: warning: the simulator failed on {errors} plan(s); plans.csv has their "

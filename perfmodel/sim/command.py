@@ -11,6 +11,7 @@ plans'. Bad input raises SpecError (exit 2 through perfmodel.cli).
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -89,6 +90,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--trace", help="write the simulated timeline as Chrome trace JSON (Perfetto)")
     ap.add_argument("--json", action="store_true", help="machine-readable output")
     a = ap.parse_args(argv)
+    if a.trace and os.path.isdir(a.trace):
+        raise SpecError(f"--trace {a.trace}: is a folder; name the JSON file to write")
     from perfmodel.sim import simulate
 
     if a.study:

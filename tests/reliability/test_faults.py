@@ -113,3 +113,101 @@ def test_resume_past_corrupt_checkpoint_end_to_end(tmp_path, reference):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "skipped corrupt checkpoint" in proc.stderr and "(step 4)" in proc.stdout
     _same_as_reference(tmp_path / "a", reference)
+
+
+# ---------------------------------------------------------------- losing a node: 2 torchrun nodes x 2 ranks
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _listening(port: int, timeout: float) -> None:
+    import socket
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise AssertionError(f"the first node's agent never listened on {port}")
+
+
+def _node(tmp: Path, port: int, *extra: str, fault: str | None = None) -> proc_group.Started:
+    """One node: `moeperf run` (its launcher, torchrun agent and 2 ranks) joining localhost:port."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env.pop("MOEPERF_FAULT", None)
+    if fault:
+        env["MOEPERF_FAULT"] = fault
+    (tmp / "plan.yaml").write_text(PLAN)
+    args = ["--model", "tiny-moe", "--plan", str(tmp / "plan.yaml"), "--nproc", "2", "--steps", str(STEPS),
+            "--layers", "2", "--seq-len", "32", "--scale", "0.5", "--ckpt-every", "2", "--out", str(tmp / "n"),
+            "--rdzv-endpoint", f"localhost:{port}", *extra]
+    return proc_group.Started([sys.executable, "-m", "perfmodel.cli", "run", *args], cwd=ROOT, env=env)
+
+
+def _kill_strays(out: Path) -> None:
+    """torchrun starts each rank in its own session: SIGKILL any process still naming `out`."""
+    import signal
+
+    for d in Path("/proc").iterdir():
+        try:
+            if d.name.isdigit() and str(out).encode() in (d / "cmdline").read_bytes():
+                os.kill(int(d.name), signal.SIGKILL)
+        except OSError:
+            continue
+
+
+def test_lost_node_ends_the_job_naming_it(tmp_path):
+    """--nnodes 2, no restarts: the second node's agent and ranks are SIGKILLed mid-step 3 (MOEPERF_FAULT
+    node:0:3 on that node only); the first node's `moeperf run` ends within 60 s naming the lost node."""
+    port = _free_port()
+    try:
+        with _node(tmp_path, port, "--nnodes", "2") as a:
+            _listening(port, 90)
+            with _node(tmp_path, port, "--nnodes", "2", fault="node:0:3") as b:
+                b.finish(timeout=180)  # its launcher returns once its agent is gone
+            lost_at = time.monotonic()
+            first = a.finish(timeout=120)
+            secs = time.monotonic() - lost_at
+    finally:
+        _kill_strays(tmp_path / "n")
+    assert first.returncode == 1 and secs < 60, (secs, first.stderr[-3000:])
+    print(f"figure: job ended {secs:.1f} s after the node was lost; {first.stderr.strip().splitlines()[-1]}")
+    nodes = [json.loads(p.read_text()) for p in sorted((tmp_path / "n" / "nodes").glob("node*.json"))]
+    reported = {int(p.stem[4:]) for p in (tmp_path / "n" / "failures").glob("rank*.txt")}
+    lost = [n for n in nodes if not reported & set(n["ranks"])]
+    assert len(nodes) == 2 and len(lost) == 1, (nodes, reported)
+    n = lost[0]
+    last = first.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"moeperf run: error: node {n['node']} ({n['host']}, ranks {n['ranks'][0]}, "
+                           f"{n['ranks'][1]}) lost: no report or exit status from its ranks"), last
+
+
+def test_elastic_job_waits_for_the_lost_node_and_resumes_exactly(tmp_path, reference):
+    """--nnodes 1:2 --max-restarts 1: after the second node is lost the first restarts, finds itself alone
+    (a checkpoint belongs to one world size) and waits; when the node comes back (the same command) the
+    job resumes from the last checkpoint: steps 1..6 once each, every loss as the uninterrupted run's."""
+    port = _free_port()
+    elastic = ("--nnodes", "1:2", "--max-restarts", "1", "--rdzv-conf", "last_call_timeout=2")
+    try:
+        with _node(tmp_path, port, *elastic) as a:
+            _listening(port, 90)
+            with _node(tmp_path, port, *elastic, fault="node:0:3") as b:
+                b.finish(timeout=180)
+            lost_at = time.monotonic()
+            a.wait_for("moeperf run: waiting for the lost node(s): 2 of 4 ranks present", timeout=120)
+            waiting_s = time.monotonic() - lost_at
+            with _node(tmp_path, port, *elastic) as back:
+                returned = back.finish(timeout=180)
+            first = a.finish(timeout=60)
+            print(f"figure: waiting {waiting_s:.1f} s after the loss; node back to job done "
+                  f"{time.monotonic() - lost_at - waiting_s:.1f} s")
+    finally:
+        _kill_strays(tmp_path / "n")
+    assert first.returncode == 0 and returned.returncode == 0, (first.stderr[-3000:], returned.stderr[-3000:])
+    assert "resumed from" in first.stdout + returned.stdout
+    _same_as_reference(tmp_path / "n", reference)
