@@ -25,6 +25,7 @@ NAME = ".moeperf.lock"
 class OutLock:
     path: Path
     fd: int
+    created: bool = False  # the folder did not exist before the lock: removed again if left empty
 
     def release(self) -> None:
         if self.fd < 0:
@@ -35,6 +36,11 @@ class OutLock:
             pass
         os.close(self.fd)  # closing drops the flock
         self.fd = -1
+        if self.created:
+            try:
+                self.path.parent.rmdir()  # only if empty: a command that failed before writing leaves nothing
+            except OSError:
+                pass
 
     def __enter__(self) -> OutLock:
         return self
@@ -55,6 +61,7 @@ def acquire(out: Path, command: str) -> OutLock:
     """Take --out's lock or raise EnvError naming the holder. OSError (read-only, full...) passes up."""
     if out.parent.exists() and not out.parent.is_dir():  # mkdir would say "File exists": misleading
         raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(out))
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     path = out / NAME
     for _ in range(10):  # the holder may unlink the file between our open and our flock: retry
@@ -86,5 +93,5 @@ def acquire(out: Path, command: str) -> OutLock:
             os.pwrite(fd, data, 0)
         except OSError:
             pass  # a full disk: the lock holds without the note
-        return OutLock(path, fd)
+        return OutLock(path, fd, created)
     raise EnvError(f"{out}: could not take the lock {path} (it keeps changing)")

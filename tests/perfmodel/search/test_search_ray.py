@@ -56,7 +56,8 @@ def ray_local():
     else:
         ray = pytest.importorskip("ray")
     # workers import this folder's modules (the dying simulator below) by name
-    paths = [str(HERE), str(REPO), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    # HERE.parent holds the shared fakes.py the workers unpickle the fake simulator from
+    paths = [str(HERE), str(HERE.parent), str(REPO), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
     old = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = os.pathsep.join(paths)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
