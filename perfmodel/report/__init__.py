@@ -3,7 +3,7 @@
   plans.csv          every candidate and fixed plan: fields, status, reason, predictions
   report.md          top plans, fixed plans, paper reference vs predicted, why the winner wins
   report.html        the same, self-contained (figures embedded as base64 PNG)
-  *.png              figures (see report_figures.py)
+  *.png              figures (see report/figures.py)
   best_plan.yaml     the winner as a `kind: plan` file (moeperf run / simulate --plan)
   best_timeline.json the winner's simulated iteration as Chrome trace JSON (Perfetto)
 

@@ -169,7 +169,7 @@ def batch_finish_s(capacity: np.ndarray, resources: np.ndarray, work: np.ndarray
     FluidNet's progressive filling and completion rule run on arrays, one row of `resources`
     (indices into `capacity`, -1 padded; distinct within a row) per job. Every float operation
     is FluidNet's, on the same values, so the result equals `submit_many` + `env.run()` bit for
-    bit (tests/perfmodel/test_topology_symmetry.py); a collective phase of 10^3..10^4 flows
+    bit (tests/perfmodel/sim/test_topology_symmetry.py); a collective phase of 10^3..10^4 flows
     costs a few array passes per completion instead of a Python loop per job and resource."""
     n_res = len(capacity)
     has = resources >= 0

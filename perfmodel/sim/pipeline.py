@@ -13,7 +13,7 @@ Orders (same rank orders as torch.distributed.pipelining, which the runtime runs
   1f1b, interleaved  Megatron-LM's (interleaved: v = chunk*pp + rank)
   zero-bubble        ZB-V (Qi et al., arXiv 2401.10241 s.6): V placement, B/W split, W fills bubbles
   dualpipev          DualPipeV (DeepSeek-V3's DualPipe cut in half, github.com/deepseek-ai/DualPipe)
-Closed forms with uniform stages, zero p2p and m micro-batches (tests/perfmodel/test_pipeline.py):
+Closed forms with uniform stages, zero p2p and m micro-batches (tests/perfmodel/sim/test_pipeline.py):
   1F1B (pp-1)(F+B+W); interleaved (pp-1)(F+B+W)/vpp with per-rank times; ZB-V (pp-1)(F+B-2W)
   per chunk when that is >= 0; DualPipeV (pp-1)(F&B + B+W - 3W) per chunk.
 """

@@ -2,7 +2,7 @@
 
 perfmodel.sim.topology computes the same links (same ids, capacities, latencies, classes) and routes in
 closed form from a GPU's index; this graph is the general construction it is tested against
-(tests/perfmodel/test_topology_symmetry.py) and what `Topology.graph` shows for inspection.
+(tests/perfmodel/sim/test_topology_symmetry.py) and what `Topology.graph` shows for inspection.
 
 Nodes:  gpu<r>, nvs<d> (the NVSwitch of NVLink domain d), nic<n>.<i> (only when a node
         has fewer NICs than GPUs), leaf<rail>.<k>, spine. Edges carry the link id; link classes,
