@@ -30,6 +30,9 @@ def main() -> None:
     for r in res["runs"]:
         print(f"{r['name']:<50} {r['group']:<15} {r['gpus']:>6} {r['measured_tokens_per_s']:>16,.0f} "
               f"{r['loo_tokens_per_s']:>12,.0f} {r['loo_error_pct']:>+7.1f}%")
+    for fam, c in res["constants"].items():
+        print(f"constants {fam}: compute x{c['compute']:.4f}, fp8 x{c['compute_fp8']:.4f}, network x{c['fabric']:.4f}, "
+              f"nvlink x{c['nvlink']:.4f}, launch {c['launch_us']:.2f} us per op")
     s = res["summary"]
     print(f"runs {s['runs']}, sources {s['groups']}")
     print(f"loo_max_error_pct {s['loo_max_error_pct']:.1f}")
