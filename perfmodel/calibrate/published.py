@@ -26,7 +26,6 @@ inform. The LOO log residuals' RMS gives the profiles' uncertainty band (perfmod
 from __future__ import annotations
 
 import math
-import statistics
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -62,8 +61,7 @@ START = {"compute": 0.6212, "compute_fp8": 0.6212, "fabric": 0.5880, "nvlink": 0
 TIES = {"compute_fp8": "compute", "nvlink": "fabric"}  # constant -> the one it follows without evidence
 PRIOR = 1e-3  # weight of (ln c - ln start)^2: keeps unconstrained constants at the start
 PRIOR_TIE = 0.01  # weight of (ln compute_fp8 - ln compute)^2 and (ln nvlink - ln fabric)^2
-STEP = 0.04  # forward-difference step (log constants; us for launch_us)
-CONFIDENCE = 0.9
+STEP = 0.04  # forward-difference step of the log constants
 
 
 @dataclass(frozen=True)
@@ -173,6 +171,11 @@ def constants_of(theta: np.ndarray, params: list[tuple[str, str]], family: str, 
     return c
 
 
+def _step(name: str) -> float:
+    """Forward-difference step of a constant: STEP in the log, 5 us for the launch overhead."""
+    return 5.0 if name == "launch_us" else STEP
+
+
 def _depends(case: Case, param: tuple[str, str]) -> bool:
     fam, name = param
     return fam == case.family and (name != "compute_fp8" or case.precision == "fp8")
@@ -218,15 +221,13 @@ class Fit:
 def _evaluate(cs: list[Case], theta: np.ndarray, params: list[tuple[str, str]], start: dict[str, Constants],
               pool: _Pool, progress=None) -> tuple[np.ndarray, np.ndarray]:
     jobs: list[tuple[Case, Constants]] = []
-    cols: list[tuple[int, int]] = []
-    for i, case in enumerate(cs):
+    for case in cs:
         jobs.append((case, constants_of(theta, params, case.family, start)))
         for k, p in enumerate(params):
             if _depends(case, p):
                 th = theta.copy()
-                th[k] += STEP if p[1] != "launch_us" else 5.0
+                th[k] += _step(p[1])
                 jobs.append((case, constants_of(th, params, case.family, start)))
-                cols.append((i, k))
     values = pool.map(jobs, progress)
     r = np.zeros(len(cs))
     J = np.zeros((len(cs), len(params)))
@@ -237,7 +238,7 @@ def _evaluate(cs: list[Case], theta: np.ndarray, params: list[tuple[str, str]], 
         at += 1
         for k, p in enumerate(params):
             if _depends(case, p):
-                J[i, k] = (math.log(values[at]) - math.log(base)) / (STEP if p[1] != "launch_us" else 5.0)
+                J[i, k] = (math.log(values[at]) - math.log(base)) / _step(p[1])
                 at += 1
     return r, J
 
@@ -291,14 +292,6 @@ def leave_one_out(cs: list[Case], f: Fit, start: dict[str, Constants], jobs: int
         pool.close()
     loo = np.array([math.log(v / c.measured_tokens_per_s) for v, c in zip(values, cs, strict=True)])
     return loo, held
-
-
-def uncertainty(loo: np.ndarray, confidence: float = CONFIDENCE, method: str = "") -> dict:
-    """The profile's band from LOO log residuals: RMS, and the half-width at `confidence`."""
-    rms = float(math.sqrt(float(np.mean(loo ** 2))))
-    z = statistics.NormalDist().inv_cdf((1 + confidence) / 2)
-    return {"confidence": confidence, "loo_log_rms": round(rms, 4), "log_halfwidth": round(z * rms, 4),
-            "n_runs": int(len(loo)), "method": method}
 
 
 def summary(cs: list[Case], f: Fit, loo: np.ndarray) -> dict:

@@ -20,7 +20,9 @@ import numpy as np
 from perfmodel import atomic
 from perfmodel.argparse_util import parser
 from perfmodel.calibrate.published import (
-    CONFIDENCE,
+    COMPUTE_FP8,
+    DATASHEET_FABRIC,
+    KERNEL_CURVES,
     SHARES,
     Constants,
     cases,
@@ -28,8 +30,8 @@ from perfmodel.calibrate.published import (
     leave_one_out,
     production_profile,
     summary,
-    uncertainty,
 )
+from perfmodel.sim.uncertainty import from_residuals, log_halfwidth
 from perfmodel.specs import ProfileSpec, SpecError, UncertaintySpec, load_spec
 
 MARKER = "# >>> production constants"
@@ -41,8 +43,6 @@ REGEN = "moeperf calibrate --published studies/published --write-presets"
 
 def _start(family: str) -> Constants:
     """The family's current constants, read back from its preset (kernel level x constant)."""
-    from perfmodel.calibrate.published import COMPUTE_FP8, DATASHEET_FABRIC, KERNEL_CURVES
-
     try:
         p = load_spec(family, "profile")
     except SpecError:
@@ -55,10 +55,8 @@ def _start(family: str) -> Constants:
     return Constants(c16, fp8, fabric, nvl, p.launch_overhead_us)
 
 
-def _profile(base: ProfileSpec, c: Constants, names: list[str], unc: dict) -> ProfileSpec:
-    p = production_profile(base, c)
-    # validated: a raw dict in the field would skip the block's checks and break its readers
-    return p.model_copy(update={"calibrated_from": names, "uncertainty": UncertaintySpec.model_validate(unc)})
+def _profile(base: ProfileSpec, c: Constants, names: list[str], unc: UncertaintySpec) -> ProfileSpec:
+    return production_profile(base, c).model_copy(update={"calibrated_from": names, "uncertainty": unc})
 
 
 def _block(p: ProfileSpec, family: str, c: Constants, fitted_on: str, stats: dict) -> str:
@@ -80,7 +78,7 @@ def write_preset(path: Path, block: str) -> None:
     atomic.write_text(path, head + block)
 
 
-def _figure(rows: list[dict], unc: dict, out: Path) -> None:
+def _figure(rows: list[dict], unc: UncertaintySpec, out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -96,10 +94,10 @@ def _figure(rows: list[dict], unc: dict, out: Path) -> None:
     lo = min(min(r["measured_tokens_per_s"], r["loo_tokens_per_s"]) / r["gpus"] for r in rows) / 1.3
     hi = max(max(r["measured_tokens_per_s"], r["loo_tokens_per_s"]) / r["gpus"] for r in rows) * 1.3
     xs = np.geomspace(lo, hi, 50)
-    w = unc["log_halfwidth"]
+    w = log_halfwidth(unc)
     ax.plot(xs, xs, "k-", lw=0.8)
     ax.fill_between(xs, xs * math.exp(-w), xs * math.exp(w), color="grey", alpha=0.2,
-                    label=f"band ±{100 * math.expm1(w):.0f} % ({100 * unc['confidence']:.0f} %)")
+                    label=f"band ±{100 * math.expm1(w):.0f} % ({100 * unc.confidence:.0f} %)")
     ax.set(xscale="log", yscale="log", xlabel="published tokens/s per GPU",
            ylabel="predicted tokens/s per GPU (leave-one-out)",
            title="Published runs: leave-one-out predictions")
@@ -134,8 +132,7 @@ def calibrate_published(folder: str, out: Path, write_presets: bool = False, fit
         task2 = prog.add_task("leave-one-out", total=len(cs))
         loo, _ = leave_one_out(cs, f, start, jobs, progress=lambda: prog.advance(task2))
     stats = summary(cs, f, loo)
-    unc = uncertainty(loo, CONFIDENCE, f"leave-one-out over the {len(cs)} runs of {folder} (moeperf calibrate "
-                      f"--published)")
+    unc = from_residuals(loo, f"leave-one-out over the {len(cs)} runs of {folder} (moeperf calibrate --published)")
     rows = [{"name": c.name, "group": c.group, "family": c.family, "precision": c.precision, "gpus": c.gpus,
              "measured_tokens_per_s": round(c.measured_tokens_per_s, 1),
              "fitted_tokens_per_s": round(c.measured_tokens_per_s * math.exp(r), 1),
@@ -147,7 +144,7 @@ def calibrate_published(folder: str, out: Path, write_presets: bool = False, fit
     for fam, src in SHARES.items():
         if src in consts and fam not in consts:
             consts[fam] = consts[src]
-    result = {"summary": stats, "uncertainty": unc, "iterations": f.iterations,
+    result = {"summary": stats, "uncertainty": unc.model_dump(mode="json", exclude_none=True), "iterations": f.iterations,
               "constants": {k: vars(v) for k, v in sorted(consts.items())}, "runs": rows}
     out.mkdir(parents=True, exist_ok=True)
     atomic.write_text(out / "fidelity.csv", _table(rows))

@@ -7,8 +7,9 @@ import math
 import pytest
 import yaml
 
-from perfmodel.calibrate.published import Constants, cases, fit, leave_one_out, predict, summary, uncertainty
+from perfmodel.calibrate.published import Constants, cases, fit, leave_one_out, predict, summary
 from perfmodel.calibrate.published_cli import MARKER, calibrate_published, write_preset
+from perfmodel.sim.uncertainty import from_residuals
 
 TRUE = Constants(compute=0.8, compute_fp8=0.95, fabric=0.45, nvlink=0.45, launch_us=4.0)
 PLANS = {  # compute only (one GPU), data parallel, network-bound (EP over 2 nodes), pipeline, FP8
@@ -73,9 +74,9 @@ def test_a_run_off_the_model_shows_in_its_loo_error_and_the_band(tmp_path, synth
     loo, _ = leave_one_out(cs, f, {})
     worst = max(range(len(cs)), key=lambda i: abs(loo[i]))
     assert cs[worst].name == "ep16" and loo[worst] < -0.1  # predicted well below the published figure
-    unc = uncertainty(loo)
-    assert unc["log_halfwidth"] == pytest.approx(1.6449 * unc["loo_log_rms"], rel=1e-3)
-    assert unc["n_runs"] == 5 and unc["loo_log_rms"] > 0.05
+    unc = from_residuals(loo, "test")
+    assert unc.log_halfwidth == pytest.approx(1.6449 * unc.loo_log_rms, rel=1e-3)
+    assert unc.n_runs == 5 and unc.loo_log_rms > 0.05
 
 
 def test_outputs_and_preset_block(tmp_path, synthetic):
