@@ -115,9 +115,10 @@ def prepare(a) -> tuple[list[str], Path, int, outlock.OutLock | None]:
     out = a.out or Path("runs") / f"{model.name}-{plan.name}"
     if a.resume and not (out / "ckpt").is_dir():
         raise SpecError(f"--resume: {out}/ckpt has no checkpoint to resume from")
-    if a.resume and checkpoint.latest_good(out / "ckpt", log=False) is None:  # SpecError if all are corrupt
-        raise SpecError(f"--resume: {out}/ckpt has no complete checkpoint to resume from")
+    # the checkpoint to resume from, its SHA-256 checked once (SpecError if all are corrupt)
     found = checkpoint.latest_good(out / "ckpt", log=False) if a.resume else None
+    if a.resume and found is None:
+        raise SpecError(f"--resume: {out}/ckpt has no complete checkpoint to resume from")
     check_for_launch(a.data, model, plan.global_batch, a.seed, found and checkpoint.saved_meta(found), str(found))
     # one writer per --out; a multi-node job's launchers share it (the rendezvous joins them)
     lock = None if a.rdzv_endpoint else outlock.acquire(out, "run")
